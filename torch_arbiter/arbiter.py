@@ -1,0 +1,647 @@
+"""The arbiter: grants memory to workloads and moves their quality at run time.
+
+Unlike the seed crate, which never re-balanced running workloads and never read
+the device after start-up, every grant, release, priority change and memory
+change here recomputes the targets of *all* workloads (through the pure
+:class:`~torch_arbiter.coordinator.Coordinator`) from a fresh device reading,
+and pushes the changes to listeners (the hook layer), lowerings first so that
+memory is freed before anyone grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .allocation import Allocation, AllocationRequest, AllocationResult, AllocationState
+from .coordinator import Coordinator, CoordinatorConfig
+from .errors import (
+    AllocationTimeoutError,
+    ArbiterError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    UnknownWorkloadError,
+)
+from .memory import GpuMemoryTracker, MemoryPressure
+from .priority import Priority, WorkloadKind, WorkloadType, _kind_of
+from .quality import QualityBudget, QualityPolicy
+
+__all__ = [
+    "Arbiter",
+    "ArbiterConfig",
+    "ArbiterState",
+    "ArbiterStats",
+    "ArbiterError",
+    "QualityChange",
+    "WorkloadInfo",
+    "get_default_arbiter",
+]
+
+_GIB = 1 << 30
+_log = logging.getLogger("torch_arbiter")
+
+
+@dataclass(frozen=True)
+class ArbiterConfig:
+    """How an :class:`Arbiter` sees its device and shares it.
+
+    Args:
+        vram_bytes: bytes the arbiter plans with. Required for a virtual (CPU)
+            device; on CUDA, None means the whole card, and a value larger than
+            the card is refused.
+        device: ``"cpu"`` (virtual device) or ``"cuda:N"``.
+        reserve_bytes: head-room never granted (CUDA context, fragmentation).
+        policy: the :class:`QualityPolicy`.
+        fixed_quality: the quality under ``QualityPolicy.FIXED``.
+        allow_preemption: a higher-priority request may suspend a lower one.
+        monitor_interval_s: poll the device this often and rebalance when other
+            processes take or free memory; None disables the monitor.
+    """
+
+    vram_bytes: int | None = None
+    device: str = "cpu"
+    reserve_bytes: int = 0
+    policy: QualityPolicy = QualityPolicy.ADAPTIVE
+    fixed_quality: float = 1.0
+    allow_preemption: bool = True
+    monitor_interval_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.vram_bytes is not None and (not isinstance(self.vram_bytes, int) or self.vram_bytes <= 0):
+            raise InvalidRequestError(f"vram_bytes must be a positive byte count, got {self.vram_bytes!r}")
+        if not isinstance(self.reserve_bytes, int) or self.reserve_bytes < 0:
+            raise InvalidRequestError(f"reserve_bytes must be >= 0, got {self.reserve_bytes!r}")
+        if self.vram_bytes is not None and self.reserve_bytes >= self.vram_bytes:
+            raise InvalidRequestError("reserve_bytes must be smaller than vram_bytes")
+        if self.monitor_interval_s is not None and not self.monitor_interval_s > 0:
+            raise InvalidRequestError("monitor_interval_s must be > 0 seconds or None")
+        CoordinatorConfig(self.policy, self.fixed_quality, self.allow_preemption)
+
+    @classmethod
+    def for_vram_gb(cls, gb: float, **kwargs: object) -> "ArbiterConfig":
+        """A config for a device of ``gb`` GiB (virtual on CPU unless ``device=`` says otherwise).
+
+        Args:
+            gb: device size in GiB (> 0).
+            **kwargs: any other :class:`ArbiterConfig` field.
+
+        Returns:
+            The config.
+        """
+        if not (isinstance(gb, (int, float)) and math.isfinite(gb) and gb > 0):
+            raise InvalidRequestError(f"vram size must be a positive number of GiB, got {gb!r}")
+        return cls(vram_bytes=int(gb * _GIB), **kwargs)
+
+    @classmethod
+    def auto_detect(cls, *, virtual_gb: float = 16.0, **kwargs: object) -> "ArbiterConfig":
+        """A config for the first GPU found by :class:`~torch_arbiter.gpu.GpuDetector`.
+
+        Args:
+            virtual_gb: size of the virtual device when no CUDA device is usable.
+            **kwargs: any other :class:`ArbiterConfig` field.
+
+        Returns:
+            ``device="cuda:0"`` sized by the card when torch can use CUDA; else a
+            virtual CPU device of ``virtual_gb`` GiB.
+
+        Limits: an AMD or Apple GPU is detected but not managed (torch_arbiter
+        drives CUDA only), so it yields the virtual device.
+        """
+        import torch
+
+        from .gpu import GpuDetector, GpuVendor
+
+        detected = GpuDetector().detect()
+        if torch.cuda.is_available() and detected.gpus and detected.gpus[0].vendor is GpuVendor.NVIDIA:
+            return cls(vram_bytes=int(detected.gpus[0].total_bytes), device="cuda:0", **kwargs)
+        return cls.for_vram_gb(virtual_gb, **kwargs)
+
+
+@dataclass(frozen=True)
+class QualityChange:
+    """One allocation's move in a rebalance, as given to listeners."""
+
+    allocation: Allocation
+    old_quality: float
+    new_quality: float
+    old_bytes: int
+    new_bytes: int
+
+    @property
+    def lowered(self) -> bool:
+        """True when the quality went down."""
+        return self.new_quality < self.old_quality
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    """A snapshot of one allocation inside :class:`ArbiterState`."""
+
+    id: int
+    name: str
+    workload: str
+    priority: Priority
+    state: AllocationState
+    quality: float
+    granted_bytes: int
+    full_bytes: int
+
+
+@dataclass(frozen=True)
+class ArbiterState:
+    """A snapshot of the arbiter (see :meth:`Arbiter.state`)."""
+
+    capacity_bytes: int
+    total_bytes: int
+    granted_bytes: int
+    external_bytes: int
+    pressure: MemoryPressure
+    policy: QualityPolicy
+    workloads: tuple[WorkloadInfo, ...]
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for memory."""
+        return sum(w.state is AllocationState.WAITING for w in self.workloads)
+
+
+@dataclass
+class ArbiterStats:
+    """Counters since the arbiter was made; every one is counted where it happens."""
+
+    grants: int = 0
+    releases: int = 0
+    waits: int = 0
+    total_wait_s: float = 0.0
+    quality_reductions: int = 0
+    quality_increases: int = 0
+    preemptions: int = 0
+    resumptions: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    rebalances: int = 0
+    last_rebalance_s: float = 0.0
+
+    @property
+    def average_wait_s(self) -> float:
+        """Mean wait of the requests that had to wait (0 when none did)."""
+        return self.total_wait_s / self.waits if self.waits else 0.0
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    loop: asyncio.AbstractEventLoop | None = None
+    future: "asyncio.Future[None] | None" = None
+
+    def wake(self) -> None:
+        self.event.set()
+        if self.loop is not None and self.future is not None:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+
+
+def _resolve(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+Listener = Callable[[list[QualityChange]], None]
+
+
+class Arbiter:
+    """Grants device memory to workloads and keeps every workload's quality up to date.
+
+    Args:
+        config: device and policy; :meth:`ArbiterConfig.auto_detect` when None.
+        tracker: the memory reader; built from ``config`` when None.
+
+    Thread-safe: requests, releases and rebalances may come from any thread
+    (generation threads, the event loop, the memory monitor). Listeners run
+    outside the lock, in the thread that caused the rebalance.
+    """
+
+    def __init__(self, config: ArbiterConfig | None = None, *, tracker: GpuMemoryTracker | None = None) -> None:
+        self.config = config or ArbiterConfig.auto_detect()
+        self.tracker = tracker or GpuMemoryTracker(self.config.device, self.config.vram_bytes)
+        total = self.tracker.read().total_bytes
+        if self.config.vram_bytes is not None and self.config.vram_bytes > total:
+            raise InvalidRequestError(
+                f"the configured budget ({self.config.vram_bytes} bytes) is larger than the device "
+                f"({total} bytes): use ArbiterConfig.for_vram_gb with at most {total / _GIB:.1f}"
+            )
+        self.coordinator = Coordinator(
+            CoordinatorConfig(self.config.policy, self.config.fixed_quality, self.config.allow_preemption)
+        )
+        self._lock = threading.RLock()
+        self._allocations: dict[int, Allocation] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._listeners: list[Listener] = []
+        self._next_id = 1
+        self._stats = ArbiterStats()
+        self._closed = False
+        if self.config.monitor_interval_s is not None:
+            self.tracker.start_monitor(lambda _stats: self.rebalance(), self.config.monitor_interval_s)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def request_allocation(
+        self,
+        workload: "WorkloadType | WorkloadKind",
+        priority: "Priority | int | str" = Priority.NORMAL,
+        **options: object,
+    ) -> Allocation:
+        """Ask for memory for a workload; wait (without blocking the loop) until it is granted.
+
+        Args:
+            workload: a :class:`WorkloadType` or custom :class:`WorkloadKind`.
+            priority: a :class:`Priority`.
+            **options: ``bytes`` (full-quality bytes; default the kind's typical size:
+                8 GiB LLM, 6 GiB image, 12 GiB video), ``min_quality``, ``timeout``
+                (seconds), ``wait`` (False: fail at once), ``name``, ``curve``,
+                ``activation_bytes`` — see :class:`AllocationRequest`.
+
+        Returns:
+            The :class:`Allocation`, active, its ``quality`` live.
+
+        Raises:
+            InvalidRequestError: bad arguments (state unchanged).
+            InsufficientMemoryError: the floor can never fit, or ``wait=False`` and it does not fit now.
+            AllocationTimeoutError: not granted within ``timeout``.
+        """
+        request = AllocationRequest.build(workload, priority, **options)
+        allocation, waiter = self._submit(request)
+        if waiter is None:
+            return allocation
+        waiter.loop = asyncio.get_running_loop()
+        waiter.future = waiter.loop.create_future()
+        if waiter.event.is_set():
+            _resolve(waiter.future)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(waiter.future, request.timeout)
+        except asyncio.TimeoutError:
+            pass
+        except BaseException:
+            self._abandon(allocation, started, timed_out=False)
+            raise
+        return self._finish_wait(allocation, started)
+
+    def request_allocation_blocking(
+        self,
+        workload: "WorkloadType | WorkloadKind",
+        priority: "Priority | int | str" = Priority.NORMAL,
+        **options: object,
+    ) -> Allocation:
+        """The blocking twin of :meth:`request_allocation`, for code without an event loop.
+
+        Same arguments, result and errors; blocks the calling thread while waiting.
+        """
+        request = AllocationRequest.build(workload, priority, **options)
+        allocation, waiter = self._submit(request)
+        if waiter is None:
+            return allocation
+        started = time.monotonic()
+        waiter.event.wait(request.timeout)
+        return self._finish_wait(allocation, started)
+
+    def try_allocate(
+        self,
+        workload: "WorkloadType | WorkloadKind",
+        priority: "Priority | int | str" = Priority.NORMAL,
+        **options: object,
+    ) -> AllocationResult:
+        """Like :meth:`request_allocation_blocking`, but returns the outcome instead of raising.
+
+        Returns:
+            An :class:`AllocationResult` with the allocation or the ``ArbiterError``.
+        """
+        started = time.monotonic()
+        request = None
+        try:
+            request = AllocationRequest.build(workload, priority, **options)
+            options = {**options, "min_quality": request.min_quality}
+            allocation = self.request_allocation_blocking(request.workload, request.priority, **options)
+            return AllocationResult(request, allocation, None, time.monotonic() - started)
+        except ArbiterError as exc:
+            return AllocationResult(request, None, exc, time.monotonic() - started)
+
+    def _submit(self, request: AllocationRequest) -> tuple[Allocation, _Waiter | None]:
+        with self._lock:
+            self._check_open()
+            limit = self._capacity_limit()
+            floor_bytes = int(request.min_quality * request.bytes) + request.activation_bytes
+            if floor_bytes > limit:
+                self._stats.failures += 1
+                raise InsufficientMemoryError(
+                    f"{request.name}: its floor needs {floor_bytes} bytes (quality {request.min_quality:.2f} of "
+                    f"{request.bytes} bytes + {request.activation_bytes} activation bytes) but the device offers "
+                    f"at most {limit}: lower min_quality or bytes, or use a larger device"
+                )
+            allocation = Allocation(self, self._next_id, request, self._next_id)
+            self._next_id += 1
+            self._allocations[allocation.id] = allocation
+            changes = self._rebalance_locked()
+            if allocation.state is AllocationState.ACTIVE:
+                self._stats.grants += 1
+                waiter = None
+            elif not request.wait:
+                del self._allocations[allocation.id]
+                allocation.state = AllocationState.RELEASED
+                self._stats.failures += 1
+                changes += self._rebalance_locked()
+                self._notify(changes)
+                raise InsufficientMemoryError(
+                    f"{request.name}: no room for its floor right now ({floor_bytes} bytes): "
+                    "retry later, lower min_quality, or pass wait=True"
+                )
+            else:
+                self._stats.waits += 1
+                waiter = self._waiters[allocation.id] = _Waiter()
+        self._notify(changes)
+        return allocation, waiter
+
+    def _finish_wait(self, allocation: Allocation, started: float) -> Allocation:
+        with self._lock:
+            self._waiters.pop(allocation.id, None)
+            waited = time.monotonic() - started
+            self._stats.total_wait_s += waited
+            if allocation.state is AllocationState.ACTIVE:
+                self._stats.grants += 1
+                return allocation
+        self._abandon(allocation, started, timed_out=True)
+        raise AllocationTimeoutError(
+            f"{allocation.name}: no memory within {allocation.request.timeout} s (waited {waited:.2f} s): "
+            "raise the timeout, lower min_quality, or release other workloads"
+        )
+
+    def _abandon(self, allocation: Allocation, started: float, *, timed_out: bool) -> None:
+        with self._lock:
+            self._waiters.pop(allocation.id, None)
+            self._allocations.pop(allocation.id, None)
+            allocation.state = AllocationState.RELEASED
+            allocation.quality, allocation.granted_bytes = 0.0, 0
+            self._stats.failures += 1
+            self._stats.timeouts += int(timed_out)
+            changes = self._rebalance_locked()
+        self._notify(changes)
+
+    # ---- changes to running workloads -------------------------------------------------------
+
+    def release(self, allocation: "Allocation | int") -> None:
+        """Give an allocation's memory back and rebalance the others.
+
+        Args:
+            allocation: the :class:`Allocation` (or its id).
+
+        Raises:
+            UnknownWorkloadError: already released, or not granted by this arbiter (state unchanged).
+        """
+        with self._lock:
+            target = self._resolve(allocation)
+            del self._allocations[target.id]
+            self._waiters.pop(target.id, None)
+            target.state = AllocationState.RELEASED
+            target.quality, target.granted_bytes = 0.0, 0
+            self._stats.releases += 1
+            changes = self._rebalance_locked()
+        self._notify(changes)
+
+    def update_priority(self, allocation: "Allocation | int", priority: "Priority | int | str") -> None:
+        """Change a workload's priority and rebalance.
+
+        Raises:
+            UnknownWorkloadError: unknown or released allocation.
+            InvalidRequestError: not a priority.
+        """
+        prio = Priority.coerce(priority)
+        with self._lock:
+            target = self._resolve(allocation)
+            target.priority = prio
+            changes = self._rebalance_locked()
+        self._notify(changes)
+
+    def reclaim(self, allocation: "Allocation | int", nbytes: int) -> bool:
+        """Grow an active allocation's activation reserve by lowering lower-priority workloads.
+
+        Used by out-of-memory recovery: the workload hit its budget, so it asks
+        for ``nbytes`` more at the expense of others (floors are kept).
+
+        Args:
+            allocation: the allocation that ran out.
+            nbytes: extra bytes needed (> 0).
+
+        Returns:
+            True when granted (the allocation's ``granted_bytes`` grew); False
+            when it cannot be done without breaking a floor (nothing changed).
+        """
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise InvalidRequestError(f"nbytes must be a positive byte count, got {nbytes!r}")
+        with self._lock:
+            target = self._resolve(allocation)
+            if target.state is not AllocationState.ACTIVE:
+                return False
+            target.activation_bytes += nbytes
+            plan = self._plan_locked()
+            if not plan[target.id].admitted:
+                target.activation_bytes -= nbytes
+                return False
+            changes = self._apply_locked(plan)
+        self._notify(changes)
+        return True
+
+    def rebalance(self) -> list[QualityChange]:
+        """Re-read the device and recompute every workload's target now.
+
+        Called by the memory monitor; call it yourself after changing what else
+        runs on the device. Returns the changes (also sent to listeners).
+        """
+        with self._lock:
+            if self._closed:
+                return []
+            changes = self._rebalance_locked()
+        self._notify(changes)
+        return changes
+
+    # ---- listeners, scopes, introspection ---------------------------------------------------
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call ``callback(changes)`` after every rebalance that changed a quality.
+
+        Lowerings come first in ``changes``, then raisings. The callback runs
+        outside the arbiter's lock in the thread that caused the rebalance; an
+        exception in it is logged and does not stop the others.
+        """
+        with self._lock:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling ``callback`` (no error if it was not registered)."""
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+    def workload(self, target: "Allocation | WorkloadType | WorkloadKind") -> contextlib.AbstractContextManager:
+        """Route this thread's CUDA allocations to a workload's budget while the block runs.
+
+        Args:
+            target: an :class:`Allocation`, or a workload kind with exactly one active allocation.
+
+        Returns:
+            A context manager (see :func:`torch_arbiter.allocator.workload_scope`).
+        """
+        from .allocator import workload_scope
+
+        if isinstance(target, Allocation):
+            return workload_scope(self, self._resolve(target))
+        kind = _kind_of(target)
+        with self._lock:
+            matches = [a for a in self._allocations.values() if a.workload == kind and a.state is AllocationState.ACTIVE]
+        if len(matches) != 1:
+            raise UnknownWorkloadError(
+                f"{len(matches)} active allocations of kind {kind.name}: pass the Allocation itself"
+            )
+        return workload_scope(self, matches[0])
+
+    def allocations(self) -> list[Allocation]:
+        """The allocations not yet released (active, suspended or waiting), oldest first."""
+        with self._lock:
+            return sorted(self._allocations.values(), key=lambda a: a.sequence)
+
+    def state(self) -> ArbiterState:
+        """A consistent snapshot of the device and every workload."""
+        with self._lock:
+            reading = self.tracker.read()
+            return ArbiterState(
+                capacity_bytes=self._capacity(reading),
+                total_bytes=reading.total_bytes,
+                granted_bytes=sum(a.granted_bytes for a in self._allocations.values()),
+                external_bytes=reading.external_bytes,
+                pressure=reading.pressure,
+                policy=self.config.policy,
+                workloads=tuple(
+                    WorkloadInfo(a.id, a.name, a.workload.name, a.priority, a.state, a.quality, a.granted_bytes, a.full_bytes)
+                    for a in sorted(self._allocations.values(), key=lambda a: a.sequence)
+                ),
+            )
+
+    def stats(self) -> ArbiterStats:
+        """A copy of the counters."""
+        with self._lock:
+            return ArbiterStats(**vars(self._stats))
+
+    def close(self) -> None:
+        """Stop the memory monitor; further requests fail. Allocations stay readable."""
+        with self._lock:
+            self._closed = True
+        self.tracker.stop_monitor()
+
+    def __enter__(self) -> "Arbiter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ArbiterError("this arbiter is closed: make a new Arbiter")
+
+    def _resolve(self, allocation: "Allocation | int") -> Allocation:
+        key = allocation.id if isinstance(allocation, Allocation) else allocation
+        found = self._allocations.get(key) if isinstance(key, int) else None
+        if found is None or (isinstance(allocation, Allocation) and found is not allocation):
+            raise UnknownWorkloadError(
+                f"allocation {allocation!r} is not held by this arbiter (already released, or from another "
+                "arbiter): keep the Allocation returned by request_allocation and release it once"
+            )
+        return found
+
+    def _capacity_limit(self) -> int:
+        return self.tracker.read().total_bytes - self.config.reserve_bytes
+
+    def _capacity(self, reading) -> int:
+        return max(0, reading.total_bytes - self.config.reserve_bytes - reading.external_bytes)
+
+    def _plan_locked(self):
+        budgets = [
+            QualityBudget(
+                key=a.id,
+                priority=a.priority,
+                floor=a.min_quality,
+                full_bytes=a.full_bytes,
+                activation_bytes=a.activation_bytes,
+                sequence=a.sequence,
+                group=a.workload.name,
+            )
+            for a in self._allocations.values()
+        ]
+        active = [a.id for a in self._allocations.values() if a.state is AllocationState.ACTIVE]
+        return self.coordinator.compute(budgets, self._capacity(self.tracker.read()), active)
+
+    def _rebalance_locked(self) -> list[QualityChange]:
+        return self._apply_locked(self._plan_locked())
+
+    def _apply_locked(self, plan) -> list[QualityChange]:
+        started = time.perf_counter()
+        changes = []
+        for alloc in self._allocations.values():
+            target = plan[alloc.id]
+            old_q, old_b, old_state = alloc.quality, alloc.granted_bytes, alloc.state
+            if target.admitted:
+                alloc.state = AllocationState.ACTIVE
+                alloc.quality, alloc.granted_bytes = target.quality, target.granted_bytes
+                if old_state is AllocationState.WAITING and alloc.id in self._waiters:
+                    self._waiters[alloc.id].wake()
+                elif old_state is AllocationState.SUSPENDED:
+                    self._stats.resumptions += 1
+            elif old_state is AllocationState.ACTIVE:
+                alloc.state = AllocationState.SUSPENDED
+                alloc.quality, alloc.granted_bytes = 0.0, 0
+                self._stats.preemptions += 1
+            if old_state is AllocationState.WAITING or alloc.quality == old_q:
+                continue
+            if alloc.quality < old_q:
+                self._stats.quality_reductions += 1
+            else:
+                self._stats.quality_increases += 1
+            changes.append(QualityChange(alloc, old_q, alloc.quality, old_b, alloc.granted_bytes))
+        self.tracker.set_granted(sum(a.granted_bytes for a in self._allocations.values()))
+        self._stats.rebalances += 1
+        self._stats.last_rebalance_s = time.perf_counter() - started
+        changes.sort(key=lambda c: not c.lowered)
+        return changes
+
+    def _notify(self, changes: list[QualityChange]) -> None:
+        if not changes:
+            return
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(changes)
+            except Exception:  # a broken listener must not break the arbiter or the others
+                _log.exception("torch_arbiter listener %r failed", listener)
+
+
+_default_arbiter: Arbiter | None = None
+_default_lock = threading.Lock()
+
+
+def get_default_arbiter() -> Arbiter:
+    """The process-wide arbiter used when ``patch()`` is given none.
+
+    Returns:
+        An :class:`Arbiter` built once with :meth:`ArbiterConfig.auto_detect`.
+    """
+    global _default_arbiter
+    with _default_lock:
+        if _default_arbiter is None or _default_arbiter._closed:
+            _default_arbiter = Arbiter(ArbiterConfig.auto_detect())
+        return _default_arbiter
