@@ -180,7 +180,6 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
     if left <= 0 or not members:
         return 0
     base = {b.key: quality[b.key] for b in members}
-    before = sum(b.bytes_at(base[b.key]) for b in members)
     points = sorted(set(base.values()) | {b.max_quality for b in members})
 
     def at(b: QualityBudget, level: float) -> float:
@@ -198,11 +197,10 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
                 level = lo + (left - cost(lo)) / slope
                 break
             lo = hi
-    while True:  # float rounding can overshoot by a byte: shave the level until it fits
-        used = sum(b.bytes_at(at(b, level)) for b in members) - before
-        if used <= left:
-            break
+    while cost(level) > left:  # float rounding can overshoot: shave the level until it fits
         level = max(points[0], level - max(1e-12, abs(level) * 1e-12))
     for b in members:
         quality[b.key] = at(b, level)
-    return used
+    # Charge the group its real-valued cost, not the truncated integer grants, so
+    # that rounding crumbs never pass to a lower group ahead of a higher one.
+    return min(left, math.ceil(cost(level)))
