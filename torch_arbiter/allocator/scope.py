@@ -1,0 +1,371 @@
+"""Workload scopes, the global allocator mode, and out-of-memory recovery.
+
+Two ways to put the library under PyTorch:
+
+* **pool mode** (default, what ``arbiter.workload(...)`` uses): each arbiter allocation gets a
+  ``torch.cuda.MemPool`` whose segments come from the library; inside
+  ``with arbiter.workload(allocation):`` the thread's CUDA allocations go to that pool, and
+  PyTorch's caching allocator still caches on top, so the library sees only segment
+  allocations (cheap). Works any time, after CUDA started too.
+* **global mode** (:func:`install`): the library replaces PyTorch's CUDA allocator for the whole
+  process. It must run before anything initialises CUDA, there is no caching on top (every
+  tensor is a cudaMalloc), ``torch.cuda.memory_stats()`` and friends are unsupported, and
+  PyTorch does not check the pointer a pluggable allocator returns, so limits are only
+  *accounted* in this mode (a refusal would hand a null pointer to a kernel).
+
+Either way the ledger limit of each workload follows its ``Allocation.granted_bytes``: set when
+a scope is entered and updated by an arbiter listener after every rebalance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+from ..errors import AllocatorError, InvalidRequestError, WorkloadOutOfMemoryError
+from ._lib import ALLOC_SYMBOL, FREE_SYMBOL, library, library_path
+from .ledger import Ledger, _out_of_memory_error, backend, clear_refusal, last_refusal, selected_workload, set_enforce, workload_key
+
+if TYPE_CHECKING:
+    from ..allocation import Allocation
+    from ..arbiter import Arbiter, QualityChange
+
+__all__ = [
+    "install",
+    "is_installed",
+    "pluggable_allocator",
+    "recover_from_oom",
+    "run_with_recovery",
+    "workload_scope",
+]
+
+_log = logging.getLogger("torch_arbiter")
+_T = TypeVar("_T")
+_lock = threading.Lock()
+_installed = False
+_pluggable: Any = None
+_syncs: "weakref.WeakKeyDictionary[Arbiter, _LimitSync]" = weakref.WeakKeyDictionary()
+
+
+def _require_cuda_torch() -> Any:
+    import torch
+
+    if not hasattr(torch._C, "_cuda_customAllocator") or not torch.cuda.is_available():
+        raise AllocatorError(
+            "the CUDA allocator needs a CUDA build of PyTorch and a visible GPU; on a CPU machine "
+            "use the host backend (set_backend('host')) to exercise the ledger"
+        )
+    return torch
+
+
+def pluggable_allocator() -> Any:
+    """The process's ``torch.cuda.memory.CUDAPluggableAllocator`` over the library (made once).
+
+    Returns:
+        The allocator object (its ``.allocator()`` feeds ``torch.cuda.MemPool``).
+
+    Raises:
+        AllocatorError: no CUDA build of PyTorch, or the library is not built.
+    """
+    global _pluggable
+    torch = _require_cuda_torch()
+    with _lock:
+        if _pluggable is None:
+            library()  # fail with the library's own message before PyTorch's AssertionError
+            _pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), ALLOC_SYMBOL, FREE_SYMBOL)
+        return _pluggable
+
+
+def install(*, enforce: bool = False) -> None:
+    """Make the library PyTorch's CUDA allocator for this whole process (global mode).
+
+    Call it first thing, before any tensor touches CUDA. Every CUDA allocation of the process is
+    then charged to the calling thread's workload (the default workload 0 outside any scope).
+
+    Args:
+        enforce: refuse allocations past a limit. Off by default because PyTorch (through 2.x)
+            does not check the pointer a global pluggable allocator returns: a refusal becomes a
+            null data pointer, not ``torch.OutOfMemoryError``. Turn it on only if your PyTorch
+            checks it.
+
+    Limits: no caching on top (every tensor is a cudaMalloc/cudaFree: slow for many small
+    tensors); ``torch.cuda.memory_stats()``, ``memory_allocated()`` and ``empty_cache()`` are not
+    supported by PyTorch for a pluggable allocator; ``torch.cuda.MemPool`` scopes are unavailable,
+    so ``arbiter.workload(...)`` only selects the workload. Prefer pool mode (no ``install()``).
+
+    Raises:
+        AllocatorError: CUDA is already initialised (restart the process and call ``install()``
+            before anything uses CUDA), no CUDA build of PyTorch, or the backend is ``host``.
+    """
+    global _installed
+    torch = _require_cuda_torch()
+    if _installed:
+        return
+    if torch.cuda.is_initialized():
+        raise AllocatorError(
+            "CUDA is already initialised, so PyTorch's allocator can no longer be replaced: call "
+            "torch_arbiter.allocator.install() at the very start of the process, before any tensor "
+            "or model is moved to CUDA (or use pool mode: just use arbiter.workload(...))"
+        )
+    if backend() == "host":
+        raise AllocatorError("the library is on the host backend: set_backend('cuda') before install()")
+    allocator = pluggable_allocator()
+    set_enforce(enforce)
+    torch.cuda.memory.change_current_allocator(allocator)
+    _installed = True
+
+
+def is_installed() -> bool:
+    """True once :func:`install` replaced PyTorch's CUDA allocator in this process."""
+    return _installed
+
+
+def _device_index(arbiter: "Arbiter") -> tuple[int, bool]:
+    """(ledger device index, uses CUDA) of an arbiter's configured device."""
+    device = str(getattr(arbiter.config, "device", "cpu"))
+    if not device.startswith("cuda"):
+        return 0, False
+    torch = _require_cuda_torch()
+    _, _, index = device.partition(":")
+    return (int(index) if index else torch.cuda.current_device()), True
+
+
+class _LimitSync:
+    """Keeps the ledger limit of every scoped allocation of one arbiter = its granted bytes.
+
+    Registered once per arbiter as a listener. It also owns the allocations' memory pools
+    (pool mode), dropped when their allocation is released.
+    """
+
+    def __init__(self, arbiter: "Arbiter") -> None:
+        self.device, self.cuda = _device_index(arbiter)
+        self.ledger = Ledger(self.device)
+        self._lock = threading.Lock()
+        self._tracked: dict[int, "Allocation"] = {}
+        self._pools: dict[int, Any] = {}
+        arbiter.add_listener(self)
+
+    def track(self, allocation: "Allocation") -> int:
+        key = workload_key(allocation.id)
+        with self._lock:
+            self._tracked[key] = allocation
+        self.ledger.set_limit(key, int(allocation.granted_bytes))
+        return key
+
+    def sync(self, allocation: "Allocation") -> None:
+        self.ledger.set_limit(workload_key(allocation.id), int(allocation.granted_bytes))
+
+    def pool(self, key: int) -> Any:
+        import torch
+
+        with self._lock:
+            if key not in self._pools:
+                self._pools[key] = torch.cuda.MemPool(allocator=pluggable_allocator().allocator())
+            return self._pools[key]
+
+    def pools(self) -> list[Any]:
+        with self._lock:
+            return list(self._pools.values())
+
+    def __call__(self, changes: "list[QualityChange]") -> None:
+        changed = {workload_key(c.allocation.id): c.new_bytes for c in changes}
+        with self._lock:
+            tracked = list(self._tracked.items())
+        for key, allocation in tracked:
+            if allocation.released:
+                self._forget(key)
+            else:
+                self.ledger.set_limit(key, int(changed.get(key, allocation.granted_bytes)))
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._tracked.pop(key, None)
+            self._pools.pop(key, None)
+        self.ledger.set_limit(key, 0)
+        with contextlib.suppress(AllocatorError):  # still charged: stays at limit 0 until freed
+            self.ledger.remove(key)
+
+    def forget_released(self) -> None:
+        with self._lock:
+            released = [key for key, allocation in self._tracked.items() if allocation.released]
+        for key in released:
+            self._forget(key)
+
+
+def _sync_for(arbiter: "Arbiter") -> _LimitSync:
+    with _lock:
+        sync = _syncs.get(arbiter)
+    if sync is None:
+        created = _LimitSync(arbiter)
+        with _lock:
+            sync = _syncs.setdefault(arbiter, created)
+        if sync is not created:
+            arbiter.remove_listener(created)
+    return sync
+
+
+@contextlib.contextmanager
+def workload_scope(arbiter: "Arbiter", allocation: "Allocation") -> Iterator["Allocation"]:
+    """Charge the calling thread's allocations to ``allocation`` while the block runs.
+
+    What ``arbiter.workload(...)`` returns. On a CUDA arbiter (``config.device`` ``"cuda..."``)
+    in pool mode, the thread's CUDA allocations go to the allocation's own ``torch.cuda.MemPool``
+    backed by the library; in global mode (:func:`install`) or on CPU only the workload is
+    selected (on CPU the host backend then charges it: see :class:`HostBlock`). The ledger limit
+    is the allocation's ``granted_bytes``, kept current by an arbiter listener.
+
+    Args:
+        arbiter: the arbiter that granted ``allocation``.
+        allocation: an active :class:`~torch_arbiter.allocation.Allocation`.
+
+    Yields:
+        ``allocation``.
+
+    Limits: per thread: threads started inside the block (autograd's backward threads, data
+    loader workers) are not routed. Scopes nest; the inner one wins until it exits.
+
+    Raises:
+        InvalidRequestError: ``allocation`` is released.
+        AllocatorError: the library is missing, a CUDA arbiter without a CUDA PyTorch, or the
+            library is on the host backend while CUDA pools need device memory.
+    """
+    if getattr(allocation, "released", False):
+        raise InvalidRequestError(f"{allocation!r} is released: request a new allocation")
+    sync = _sync_for(arbiter)
+    sync.forget_released()
+    key = sync.track(allocation)
+    if not sync.cuda or _installed:
+        with selected_workload(key):
+            yield allocation
+        return
+    import torch
+
+    if backend() == "host":
+        raise AllocatorError("CUDA workloads need the cuda backend, the library is on 'host': set_backend('cuda')")
+    if not hasattr(torch.cuda, "MemPool") or not hasattr(torch.cuda, "use_mem_pool"):
+        raise AllocatorError(
+            f"torch {torch.__version__} has no torch.cuda.MemPool: upgrade PyTorch, or call install() at start-up"
+        )
+    with torch.cuda.use_mem_pool(sync.pool(key), device=sync.device), selected_workload(key):
+        yield allocation
+
+
+def _empty_caches(sync: _LimitSync) -> None:
+    """Give cached but unused segments back, so they stop counting against their workload."""
+    if not sync.cuda or _installed:
+        return
+    import torch
+
+    torch.cuda.synchronize(sync.device)
+    torch.cuda.empty_cache()
+    for pool in sync.pools():
+        with torch.cuda.use_mem_pool(pool, device=sync.device):
+            torch.cuda.empty_cache()
+
+
+def recover_from_oom(arbiter: "Arbiter", allocation: "Allocation", error: BaseException | None = None) -> bool:
+    """One recovery step after ``torch.OutOfMemoryError`` in a workload: make room, say if it did.
+
+    Asks the arbiter to grow ``allocation``'s grant by what the refused allocation needed
+    (``arbiter.reclaim``: lower-priority workloads drop quality and free fragments), raises the
+    ledger limit to the new grant, and empties the pool caches. PyTorch's caching allocator does
+    not free its cache and retry by itself when a user MemPool's allocator refuses (it does so
+    only for its own cudaMalloc), so emptying them is this function's job.
+
+    Args:
+        arbiter: the arbiter.
+        allocation: the workload that ran out.
+        error: the caught error (only logged).
+
+    Returns:
+        True when memory was granted (retrying makes sense), False when the arbiter could not
+        reclaim without breaking a floor, or the refusal did not come from this workload's limit.
+    """
+    refusal = last_refusal()
+    key = workload_key(allocation.id)
+    sync = _sync_for(arbiter)
+    if refusal is None or refusal.key != key or refusal.reason != "limit":
+        _empty_caches(sync)
+        return False
+    needed = max(1, refusal.used + refusal.requested - (refusal.limit or 0))
+    _log.info("workload %s refused %d bytes (%s); reclaiming %d", allocation.name, refusal.requested, error, needed)
+    granted = arbiter.reclaim(allocation, needed)
+    sync.sync(allocation)
+    _empty_caches(sync)
+    return granted
+
+
+def _holders(ledger: Ledger, names: dict[int, str]) -> str:
+    lines = []
+    for usage in sorted(ledger.workloads(), key=lambda u: -u.used):
+        if usage.used == 0:
+            continue
+        limit = "no limit" if usage.limit is None else f"limit {usage.limit}"
+        lines.append(f"{names.get(usage.key, f'workload {usage.key:#x}')}: {usage.used} bytes ({limit})")
+    return "; ".join(lines) or "nothing charged"
+
+
+def run_with_recovery(
+    arbiter: "Arbiter", allocation: "Allocation", fn: Callable[..., _T], *args: Any, retries: int = 3, **kwargs: Any
+) -> _T:
+    """Run ``fn(*args, **kwargs)`` inside ``allocation``'s scope, recovering from budget refusals.
+
+    This is the workload boundary of OOM recovery: when the workload's limit refuses an
+    allocation, PyTorch raises ``torch.OutOfMemoryError``; this catches it, calls
+    :func:`recover_from_oom` (the arbiter lowers lower-priority workloads, caches are emptied)
+    and runs ``fn`` again, at most ``retries`` more times.
+
+    Args:
+        arbiter: the arbiter that granted ``allocation``.
+        allocation: the workload the call belongs to.
+        fn: the work (a forward pass, a denoising step). It must be safe to run again from the
+            start after a failed attempt (forward passes are).
+        retries: extra attempts after the first (>= 0).
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        WorkloadOutOfMemoryError: still refused after the retries, or the arbiter could not
+            reclaim; the message names this workload's use and limit and who holds what.
+        Any other exception of ``fn`` unchanged.
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidRequestError(f"retries must be an int >= 0, got {retries!r}")
+    out_of_memory = _out_of_memory_error()
+    attempt = 0
+    while True:
+        clear_refusal()
+        try:
+            with workload_scope(arbiter, allocation):
+                return fn(*args, **kwargs)
+        except out_of_memory as exc:
+            refusal = last_refusal()
+            if attempt < retries and recover_from_oom(arbiter, allocation, exc):
+                attempt += 1
+                continue
+            raise _budget_error(arbiter, allocation, refusal, attempt, exc) from exc
+
+
+def _budget_error(
+    arbiter: "Arbiter", allocation: "Allocation", refusal: Any, attempts: int, exc: BaseException
+) -> WorkloadOutOfMemoryError:
+    sync = _sync_for(arbiter)
+    key = workload_key(allocation.id)
+    names = {workload_key(a.id): f"{a.name or 'workload'} (allocation {a.id})" for a in arbiter.allocations()}
+    mine = sync.ledger.usage(key)
+    detail = (
+        f"{refusal.requested} bytes refused with {refusal.used} of {refusal.limit} in use"
+        if refusal is not None and refusal.key == key
+        else f"out of memory: {exc}"
+    )
+    return WorkloadOutOfMemoryError(
+        f"workload {allocation.name or allocation.id!r} ran out of its budget after {attempts} "
+        f"recoveries: {detail}; it holds {mine.used if mine else 0} bytes of a "
+        f"{allocation.granted_bytes}-byte grant. Holders on device {sync.device}: "
+        f"{_holders(sync.ledger, names)}. Lower its batch or sequence length, give it a higher "
+        "priority, or free other workloads"
+    )
