@@ -106,9 +106,9 @@ class Coordinator:
             raise InvalidRequestError("workload keys passed to the coordinator must be unique")
 
         start = {b.key: self._start_quality(b) for b in budgets}
-        admitted = self._admit(budgets, start, capacity_bytes, frozenset(active_keys))
+        admitted, used = self._admit(budgets, start, capacity_bytes, frozenset(active_keys))
         quality = {b.key: start[b.key] for b in admitted}
-        left = capacity_bytes - sum(b.bytes_at(quality[b.key]) for b in admitted)
+        left = capacity_bytes - used
         if self.config.policy is not QualityPolicy.FIXED:
             for group in self._raise_order(admitted):
                 left -= _water_fill(group, quality, left)
@@ -133,7 +133,7 @@ class Coordinator:
         start: dict[object, float],
         capacity: int,
         active: frozenset,
-    ) -> list[QualityBudget]:
+    ) -> tuple[list[QualityBudget], int]:
         if self.config.allow_preemption:
             order = sorted(budgets, key=lambda b: (-b.priority, b.sequence))
         else:
@@ -151,7 +151,7 @@ class Coordinator:
                 used += need
             elif waiting:
                 blocked_priorities.add(b.priority)
-        return admitted
+        return admitted, used
 
     def _raise_order(self, admitted: list[QualityBudget]) -> list[list[QualityBudget]]:
         policy = self.config.policy
@@ -170,37 +170,40 @@ class Coordinator:
 
 
 def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: int) -> int:
-    """Raise ``group`` to a common level with at most ``left`` bytes; return the bytes used.
+    """Raise ``group`` to a common level with at most ``left`` bytes; return the bytes charged.
 
     Each member's cost is linear in quality (``full_bytes`` per unit) between its
-    current quality and its ``max_quality``, so the total is piecewise linear in
-    the common level: walk the sorted breakpoints and solve the last piece exactly.
+    current quality and its ``max_quality``, so the group's cost is piecewise
+    linear in the common level: sweep the sorted breakpoints once, keeping the
+    slope, and solve the last piece exactly (O(n log n)).
     """
     members = [b for b in group if b.full_bytes > 0 and quality[b.key] < b.max_quality]
     if left <= 0 or not members:
         return 0
+    events = sorted(
+        [(quality[b.key], b.full_bytes) for b in members] + [(b.max_quality, -b.full_bytes) for b in members],
+        key=lambda e: e[0],
+    )
+    level, cost, slope = events[0][0], 0.0, 0
+    for position, delta in events:
+        step = slope * (position - level)
+        if cost + step > left:
+            level += (left - cost) / slope
+            break
+        cost += step
+        level = position
+        slope += delta
     base = {b.key: quality[b.key] for b in members}
-    points = sorted(set(base.values()) | {b.max_quality for b in members})
-
-    def at(b: QualityBudget, level: float) -> float:
-        return min(max(level, base[b.key]), b.max_quality)
-
-    def cost(level: float) -> float:
-        return sum(b.full_bytes * (at(b, level) - base[b.key]) for b in members)
-
-    level = points[-1]
-    if cost(level) > left:
-        lo = points[0]
-        for hi in points[1:]:
-            if cost(hi) > left:
-                slope = sum(b.full_bytes for b in members if base[b.key] <= lo and b.max_quality >= hi)
-                level = lo + (left - cost(lo)) / slope
-                break
-            lo = hi
-    while cost(level) > left:  # float rounding can overshoot: shave the level until it fits
-        level = max(points[0], level - max(1e-12, abs(level) * 1e-12))
+    charged = _group_cost(members, base, level)
+    while charged > left:  # float rounding can overshoot: shave the level until it fits
+        level -= max(1e-12, abs(level) * 1e-12)
+        charged = _group_cost(members, base, level)
     for b in members:
-        quality[b.key] = at(b, level)
+        quality[b.key] = min(max(level, base[b.key]), b.max_quality)
     # Charge the group its real-valued cost, not the truncated integer grants, so
     # that rounding crumbs never pass to a lower group ahead of a higher one.
-    return min(left, math.ceil(cost(level)))
+    return charged
+
+
+def _group_cost(members: list[QualityBudget], base: dict[object, float], level: float) -> int:
+    return math.ceil(sum(b.full_bytes * (min(max(level, base[b.key]), b.max_quality) - base[b.key]) for b in members))

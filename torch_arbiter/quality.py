@@ -43,7 +43,7 @@ class QualityPolicy(enum.Enum):
     BALANCED = "balanced"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QualityBudget:
     """One workload as the coordinator sees it (an input of :meth:`Coordinator.compute`).
 
@@ -90,7 +90,7 @@ class QualityBudget:
         return int(quality * self.full_bytes) + self.activation_bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QualityAllocation:
     """The coordinator's decision for one workload.
 

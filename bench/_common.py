@@ -1,0 +1,90 @@
+"""Shared helpers of the benchmarks: machine description, timing, results files.
+
+Every benchmark writes ``bench/results/<name>.md`` (a table for people) and
+``<name>.json`` (the raw figures) that start with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["machine_info", "time_call", "write_results", "RESULTS_DIR"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """CPU model, core count, memory, Python and torch versions, GPU if any."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def time_call(fn: Callable[[], object], *, repeat: int = 21, number: int = 1, warmup: int = 2) -> dict:
+    """Median, min and p90 seconds of ``fn()`` over ``repeat`` rounds of ``number`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number)
+    samples.sort()
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": samples[0],
+        "p90_s": samples[min(len(samples) - 1, int(0.9 * len(samples)))],
+        "repeat": repeat,
+        "number": number,
+    }
+
+
+def write_results(name: str, title: str, table_md: str, data: dict, notes: str = "") -> Path:
+    """Write ``results/<name>.md`` and ``results/<name>.json``; return the .md path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    md = [f"# {title}", "", f"Command: `{command}`", "",
+          "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "", table_md.rstrip(), ""]
+    if notes:
+        md += [notes.rstrip(), ""]
+    path = RESULTS_DIR / f"{name}.md"
+    _atomic_write(path, "\n".join(md))
+    _atomic_write(RESULTS_DIR / f"{name}.json", json.dumps({"command": command, "machine": info, **data}, indent=2))
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
