@@ -134,7 +134,9 @@ def _device_index(arbiter: "Arbiter") -> tuple[int, bool]:
 
 
 class _LimitSync:
-    """Keeps the ledger limit of every scoped allocation of one arbiter = its granted bytes.
+    """Keeps the ledger limit of each allocation of one arbiter = its granted bytes.
+
+    Tracks the allocations that entered a scope or moved in a rebalance since this was made.
 
     Registered once per arbiter as a listener. It also owns the allocations' memory pools
     (pool mode), dropped when their allocation is released.
@@ -172,7 +174,8 @@ class _LimitSync:
 
     def __call__(self, changes: "list[QualityChange]") -> None:
         changed = {workload_key(c.allocation.id): c.new_bytes for c in changes}
-        with self._lock:
+        with self._lock:  # every allocation the arbiter moves gets a limit, scoped yet or not
+            self._tracked.update((workload_key(c.allocation.id), c.allocation) for c in changes)
             tracked = list(self._tracked.items())
         for key, allocation in tracked:
             if allocation.released:

@@ -1,0 +1,122 @@
+"""The allocator under a real Arbiter on CPU: scopes, limits that follow the arbiter's decisions,
+and out-of-memory recovery through the host backend (the same library calls as on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_allocator import ledger  # noqa: F401  (the isolated-ledger fixture)
+
+from torch_arbiter import Priority, WorkloadType
+from torch_arbiter import allocator as ta_alloc
+from torch_arbiter.arbiter import Arbiter, ArbiterConfig
+from torch_arbiter.errors import AllocatorError, InvalidRequestError, WorkloadOutOfMemoryError
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def arbiter(ledger):  # noqa: F811
+    arb = Arbiter(ArbiterConfig.for_vram_gb(1))
+    yield arb
+    arb.close()
+
+
+def _request(arb: Arbiter, kind: WorkloadType, priority: Priority, mib: int, name: str):
+    return arb.request_allocation_blocking(kind, priority, bytes=mib * MIB, activation_bytes=10 * MIB, name=name)
+
+
+def test_scope_selects_the_workload_and_sets_its_limit(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 800, "chat")
+    key = ta_alloc.workload_key(chat.id)
+    with arbiter.workload(chat) as scoped:
+        assert scoped is chat and ta_alloc.thread_workload() == key
+        assert ledger.usage(key).limit == chat.granted_bytes
+        with arbiter.workload(WorkloadType.LLM_INFERENCE):  # by kind: the one active allocation
+            assert ta_alloc.thread_workload() == key
+    assert ta_alloc.thread_workload() == ta_alloc.DEFAULT_WORKLOAD
+
+
+def test_limit_follows_rebalances_while_the_scope_is_open(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 800, "chat")
+    key = ta_alloc.workload_key(chat.id)
+    with arbiter.workload(chat):
+        full_grant = chat.granted_bytes
+        ta_alloc.HostBlock(500 * MIB).free()  # fits the full-quality grant
+        image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 600, "image")
+        assert chat.granted_bytes < full_grant  # the arbiter lowered chat ...
+        assert ledger.usage(key).limit == chat.granted_bytes  # ... and the listener followed
+        with pytest.raises(torch.OutOfMemoryError):
+            ta_alloc.HostBlock(500 * MIB)
+    image.release()
+    assert ledger.usage(key).limit == chat.granted_bytes == full_grant  # raised back
+
+
+def test_released_allocation_is_forgotten_and_cannot_be_scoped(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 100, "chat")
+    image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 100, "image")
+    with arbiter.workload(chat):
+        pass
+    chat.release()
+    with arbiter.workload(image):  # entering any scope sweeps the released ones
+        pass
+    assert ledger.usage(ta_alloc.workload_key(chat.id)) is None
+    with pytest.raises(InvalidRequestError, match="released"):
+        with ta_alloc.workload_scope(arbiter, chat):
+            pass
+
+
+def test_oom_is_recovered_by_reclaiming_from_lower_priorities(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 800, "chat")
+    image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 600, "image")
+    chat_before, image_grant = chat.granted_bytes, image.granted_bytes
+    attempts = []
+
+    def step(nbytes: int) -> int:
+        attempts.append(nbytes)
+        with ta_alloc.HostBlock(nbytes) as block:  # refused at first: past image's grant
+            return block.nbytes
+
+    need = image_grant + 40 * MIB
+    assert ta_alloc.run_with_recovery(arbiter, image, step, need) == need
+    assert len(attempts) == 2  # one refusal, one successful retry
+    assert image.granted_bytes >= need and chat.granted_bytes < chat_before
+    assert ledger.usage(ta_alloc.workload_key(image.id)).limit == image.granted_bytes
+    assert ledger.usage(ta_alloc.workload_key(chat.id)).limit == chat.granted_bytes
+
+
+def test_unrecoverable_oom_names_who_holds_what(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 400, "chat")
+    image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 300, "image")
+    with arbiter.workload(chat):
+        held = ta_alloc.HostBlock(100 * MIB)
+    try:
+        with pytest.raises(WorkloadOutOfMemoryError) as caught:
+            ta_alloc.run_with_recovery(arbiter, image, lambda: ta_alloc.HostBlock(2048 * MIB), retries=2)
+        message = str(caught.value)
+        assert "'image'" in message and f"{2048 * MIB} bytes refused" in message
+        assert f"chat (allocation {chat.id}): {100 * MIB} bytes" in message
+        assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    finally:
+        held.free()
+
+
+def test_recovery_arguments_and_other_errors(arbiter):
+    image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 100, "image")
+    with pytest.raises(InvalidRequestError):
+        ta_alloc.run_with_recovery(arbiter, image, lambda: None, retries=-1)
+    with pytest.raises(WorkloadOutOfMemoryError, match="after 0 recoveries"):
+        ta_alloc.run_with_recovery(arbiter, image, lambda: ta_alloc.HostBlock(image.granted_bytes + 1), retries=0)
+
+    def broken() -> None:
+        raise KeyError("not a memory problem")
+
+    with pytest.raises(KeyError):
+        ta_alloc.run_with_recovery(arbiter, image, broken)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_install_without_cuda_says_what_to_do():
+    with pytest.raises(AllocatorError, match="CUDA build of PyTorch"):
+        ta_alloc.install()
+    assert not ta_alloc.is_installed()
