@@ -1,0 +1,171 @@
+"""HoloTensor codec and model-level planning: round trips, exact top, measured fidelity, monotone plans."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_arbiter.errors import FormatError, InvalidRequestError
+from torch_arbiter.holo import HoloTensor, min_quality, plan_bytes, plan_quality
+
+
+def _rel(a, b):
+    return (a.float() - b.float()).norm().item() / b.float().norm().item()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out=st.integers(2, 80),
+    inp=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    group=st.sampled_from([32, 64]),
+    seed=st.integers(0, 3),
+)
+def test_round_trip_any_shape_and_dtype(out, inp, dtype, group, seed):
+    weight = (torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype)
+    holo = HoloTensor.encode(weight, group_size=group, min_numel=64, rank=0, seed=seed)
+    top = holo.num_levels
+    assert torch.equal(holo.decode(top), weight)
+    assert holo.decode(top).dtype == dtype
+    assert holo.full_bytes == weight.numel() * weight.element_size()
+    assert holo.level_bytes(0) == 0
+    assert holo.level_bytes(top) == holo.full_bytes
+    for k in range(1, top):
+        decoded = holo.decode(k)
+        assert decoded.shape == weight.shape and decoded.dtype == dtype
+        recorded = holo.level_fidelity(k)["rel_error"]
+        measured = _rel(decoded, weight)
+        # The record is measured in the rotated padded space: equal, or an upper bound with padding.
+        assert measured <= recorded * 1.01 + 5e-3
+    if top == 3:
+        errors = [holo.level_fidelity(k)["rel_error"] for k in (1, 2, 3)]
+        assert errors[0] > errors[1] > errors[2] == 0.0
+        assert errors[0] < 0.2 and errors[1] < 0.02
+
+
+def test_levels_bytes_and_fidelity_of_a_linear_weight():
+    weight = torch.randn(256, 512) * 0.02
+    holo = HoloTensor.encode(weight, rank=0)
+    assert holo.scheme == "nested4x2" and holo.num_levels == 3
+    assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.5 + 8 * 512 / weight.numel())
+    assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.5 + 8 * 512 / weight.numel())
+    assert _rel(holo.decode(1), weight) == pytest.approx(holo.level_fidelity(1)["rel_error"], rel=1e-4)
+    assert _rel(holo.decode(2), weight) == pytest.approx(holo.level_fidelity(2)["rel_error"], rel=1e-4)
+    # Going up a level moves only the lo nibbles: the delta is one byte per two weights.
+    assert holo.level_bytes(2) - holo.level_bytes(1) == weight.numel() // 2
+    assert set(holo.level_fragments(2)) - set(holo.level_fragments(1)) == {"lo"}
+    assert holo.level_fragments(3) == ["exact"]
+
+
+def test_round_to_nearest_is_not_better_at_the_same_bytes():
+    weight = torch.randn(512, 512) * 0.02
+    weight[:, 7] *= 40  # an outlier input channel: what the rotation is for
+    holo = HoloTensor.encode(weight, rank=0)
+    groups = weight.reshape(-1, 64)
+    low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+    step = (high - low) / 15
+    rtn = (((groups - low) / step).round().clamp(0, 15) * step + low).reshape(weight.shape)
+    assert holo.level_fidelity(1)["rel_error"] < _rel(rtn, weight)
+
+
+def test_rank_branch_kept_when_it_pays_and_decodes():
+    gen = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(384, 4, generator=gen) @ torch.randn(4, 384, generator=gen)
+    weight = low_rank + 0.01 * torch.randn(384, 384, generator=gen)
+    holo = HoloTensor.encode(weight, rank="auto")
+    assert holo.rank > 0
+    kinds = {spec.name: spec.kind for spec in holo.fragment_specs()}
+    assert kinds["rank_l"] == kinds["rank_r"] == "rank" and kinds["hi"] == "precision"
+    plain = HoloTensor.encode(weight, rank=0)
+    assert holo.level_fidelity(1)["rel_error"] < plain.level_fidelity(1)["rel_error"] / 2
+    assert _rel(holo.decode(1), weight) == pytest.approx(holo.level_fidelity(1)["rel_error"], rel=1e-3)
+    assert torch.equal(holo.decode(3), weight)
+    # A gaussian weight has no structure for a rank branch to absorb: auto drops it.
+    assert HoloTensor.encode(torch.randn(384, 384), rank="auto").rank == 0
+
+
+def test_calibration_records_output_error():
+    weight = torch.randn(128, 256)
+    inputs = torch.randn(64, 256)
+    holo = HoloTensor.encode(weight, calibration=inputs, rank=0)
+    measured = _rel(inputs @ holo.decode(1).t(), inputs @ weight.t())
+    assert holo.level_fidelity(1)["out_rel_error"] == pytest.approx(measured, rel=1e-3)
+    with pytest.raises(InvalidRequestError, match="width"):
+        HoloTensor.encode(weight, calibration=torch.randn(4, 10))
+
+
+@pytest.mark.parametrize("tensor", [torch.randn(1000), torch.randn(4, 8), torch.arange(5000).reshape(50, 100)])
+def test_small_1d_and_integer_tensors_stay_exact(tensor):
+    holo = HoloTensor.encode(tensor)
+    assert holo.scheme == "exact" and holo.num_levels == 1
+    assert torch.equal(holo.decode(1), tensor)
+    assert holo.level_bytes(1) == holo.full_bytes
+
+
+def test_bad_levels_and_options_raise_typed_errors():
+    holo = HoloTensor.encode(torch.randn(64, 128), rank=0)
+    for bad in (-1, 4, 1.5, True):
+        with pytest.raises(InvalidRequestError):
+            holo.level_bytes(bad)
+    with pytest.raises(InvalidRequestError):
+        holo.decode(0)
+    with pytest.raises(InvalidRequestError):
+        HoloTensor.encode(torch.randn(8, 8), group_size=3)
+    with pytest.raises(InvalidRequestError):
+        HoloTensor.encode(torch.randn(8, 8), rank=-2)
+    partial = HoloTensor.from_parts(holo.meta, {k: v for k, v in holo.fragments.items() if k != "lo"})
+    assert torch.equal(partial.decode(1), holo.decode(1))
+    with pytest.raises(FormatError, match="lo"):
+        partial.decode(2)
+    with pytest.raises(FormatError, match="shape"):
+        HoloTensor.from_parts(holo.meta, {"hi": torch.zeros(3, dtype=torch.uint8)})
+
+
+def _model_tensors():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "embed": HoloTensor.encode(torch.randn(1000, 64, generator=gen), rank=0),
+        "attn": HoloTensor.encode(torch.randn(64, 64, generator=gen), rank=0),
+        "mlp": HoloTensor.encode(torch.randn(256, 64, generator=gen).bfloat16(), rank=0),
+        "norm": HoloTensor.encode(torch.randn(64, generator=gen)),
+    }
+
+
+def test_plan_fits_budget_is_monotone_and_exact_at_one():
+    tensors = _model_tensors()
+    full = sum(t.full_bytes for t in tensors.values())
+    floor = min_quality(tensors)
+    assert 0 < floor < 0.3
+    previous = None
+    for q in [i / 200 for i in range(201)]:
+        plan = plan_quality(tensors, q)
+        assert plan_bytes(tensors, plan) <= q * full
+        if q >= floor:
+            assert all(level >= 1 for level in plan.values())
+        if previous is not None:
+            assert all(plan[n] >= previous[n] for n in plan)
+        previous = plan
+    assert plan_quality(tensors, 1.0) == {n: t.num_levels for n, t in tensors.items()}
+    assert plan_quality(tensors, 0.0) == {n: 0 for n in tensors}
+    assert all(level >= 1 for level in plan_quality(tensors, floor).values())
+
+
+def test_plan_buys_precision_where_error_falls_most_per_byte():
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(256, 256, generator=gen)
+    heavy = torch.randn(256, 256, generator=gen)
+    heavy[:, :4] *= 100  # outliers: large 4-bit error, more to gain per byte
+    tensors = {"a_smooth": HoloTensor.encode(smooth, rank=0), "b_heavy": HoloTensor.encode(heavy, rank=0,
+                                                                                        seed=1)}
+    tensors["b_heavy"].meta["levels"][0]["fidelity"]["rel_error"] = 0.5  # sensitivity from the record
+    full = sum(t.full_bytes for t in tensors.values())
+    q = (tensors["a_smooth"].level_bytes(1) + tensors["b_heavy"].level_bytes(2)) / full
+    assert plan_quality(tensors, q) == {"a_smooth": 1, "b_heavy": 2}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, "x", None])
+def test_plan_rejects_bad_quality(bad):
+    with pytest.raises(InvalidRequestError):
+        plan_quality(_model_tensors(), bad)

@@ -1,0 +1,361 @@
+"""Holo modules: ``nn.Linear`` / ``nn.Conv2d`` replacements whose weight sits at a live level.
+
+A Holo module holds its :class:`~torch_arbiter.holo.HoloTensor` (all fragments, on the CPU: the
+store the fragment cache reads from) and, for the current level, the *resident* tensors its
+forward uses, on the module's device. ``resident_bytes`` is the sum of ``nbytes`` of those
+tensors and equals ``level_bytes(level)``; nothing else is cached between forwards.
+
+How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
+
+- top level (exact): the original weight tensor and ``F.linear`` / ``F.conv2d``, as the original
+  module does (on the CPU the resident weight *is* the HoloTensor's exact fragment, no copy).
+- quantised levels of ``HoloLinear`` on the CPU, when torch has the int4 weight-only kernel and
+  the shape fits it: the nibbles are held in the kernel's packed layout (same bytes as the
+  fragments). Inputs of at most :attr:`HoloLinear.kernel_max_rows` rows (decode-style) are rotated
+  (``(x ⊙ s)·H``, the weight stays rotated) and go through
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16; the 8-bit level is one call over
+  ``[x, x]`` against ``[hi | lo]`` codes with the ``lo`` scales (``scale/16``) built on the fly.
+  Larger inputs (prefill) decode a transient dense rotated weight and use ``F.linear``: torch's
+  CPU int4 kernel is slow for many rows.
+- everything else (CUDA, convs, odd shapes): decode-then-compute from the fragments, the transient
+  dense weight freed after the call.
+- the optional fp16 low-rank branch adds ``(x·Rᵀ)·Lᵀ``.
+
+Limits: inference only (no gradients reach the fragments); the level changes only through
+:meth:`set_level`, which the hook layer calls between forwards; safe-point logic is not here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidRequestError
+from ..holo.codec import HoloTensor, _unrotate, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles
+
+__all__ = ["HoloLinear", "HoloConv2d", "int4_kernel_block"]
+
+_KERNEL_GROUPS = (32, 64, 128, 256)
+_kernel_block_cache: list[int] = []
+
+
+def int4_kernel_block() -> int:
+    """Rows per block of torch's CPU int4 packed layout (64 on AVX-512, 32 on AVX2); 0 if unusable.
+
+    Found once by packing a probe matrix and checking that :func:`_kernel_unpack` inverts it, so
+    a torch whose layout differs falls back to the decode path instead of computing garbage.
+    """
+    if _kernel_block_cache:
+        return _kernel_block_cache[0]
+    block = 0
+    ops = torch.ops.aten
+    if hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu"):
+        probe = (torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64) * 7 % 16).contiguous()
+        try:
+            packed = ops._convert_weight_to_int4pack_for_cpu(probe, 2)
+            for candidate in (64, 32, 16):
+                if torch.equal(_kernel_unpack(packed, candidate, 128).int(), probe):
+                    block = candidate
+                    break
+        except RuntimeError:
+            block = 0
+    _kernel_block_cache.append(block)
+    return block
+
+
+def _kernel_unpack(packed: torch.Tensor, block: int, rows: int) -> torch.Tensor:
+    """Codes ``uint8 [rows, K]`` from torch's CPU int4 layout ``[rows/block, K, block/2]`` bytes."""
+    tiles = packed.reshape(rows // block, -1, block // 2)
+    codes = torch.cat([tiles & 0x0F, tiles >> 4], dim=-1)  # [rows/block, K, block]
+    return codes.transpose(1, 2).reshape(rows, -1)
+
+
+class _HoloModule(nn.Module):
+    """Shared residency logic: which tensors are held at a level, and device moves."""
+
+    def __init__(self, holo: HoloTensor, bias: torch.Tensor | None, weight_requires_grad: bool,
+                 level: int | None):
+        super().__init__()
+        if not isinstance(holo, HoloTensor):
+            raise InvalidRequestError(f"expected a HoloTensor, got {type(holo).__name__}")
+        self.holo = holo
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+        self._weight_requires_grad = weight_requires_grad
+        self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        self._resident: dict[str, torch.Tensor] = {}
+        self._level = 0
+        self.set_level(holo.num_levels if level is None else level)
+
+    # -- level ---------------------------------------------------------------------------------
+
+    @property
+    def level(self) -> int:
+        """The current level (``num_levels`` = exact original weight)."""
+        return self._level
+
+    @property
+    def num_levels(self) -> int:
+        """Number of levels of the weight."""
+        return self.holo.num_levels
+
+    def level_bytes(self, k: int) -> int:
+        """Exact bytes held for forward at level ``k`` (same as ``holo.level_bytes(k)``)."""
+        return self.holo.level_bytes(k)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the weight tensors held for forward right now (``sum(t.nbytes)``)."""
+        return sum(t.numel() * t.element_size() for t in self._resident.values())
+
+    def set_level(self, k: int) -> None:
+        """Hold the tensors of level ``k`` (now) and release the others.
+
+        Args:
+            k: a level in ``1..num_levels`` (a layer cannot run without a weight).
+
+        Raises:
+            InvalidRequestError: ``k`` out of range.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_levels:
+            raise InvalidRequestError(
+                f"level {k!r} is outside 1..{self.num_levels}; a Holo module needs a level >= 1 to run")
+        self._resident = {}  # release first, so the old and new levels are never held together
+        self._resident = self._build(k, self._device_probe.device)
+        self._level = k
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        if self._resident:
+            device = self._device_probe.device
+            if next(iter(self._resident.values())).device != device:
+                self._resident = {}
+                self._resident = self._build(self._level, device)
+        return result
+
+    def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if k == self.num_levels:
+            exact = self.holo.fragment("exact")
+            return {"weight": exact if exact.device == device else exact.to(device)}
+        return {name: self.holo.fragment(name).to(device) for name in self.holo.level_fragments(k)}
+
+    # -- shared compute ------------------------------------------------------------------------
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Transient dense weight in the original shape at the current quantised level."""
+        meta = self.holo.meta
+        matrix = dequantize_rotated(self._resident, meta, self._level, dtype)
+        matrix = _unrotate(matrix, self._resident["signs"], meta["block"])[:, : meta["in_features"]]
+        if self.holo.rank:
+            matrix = matrix + self._resident["rank_l"].to(dtype) @ self._resident["rank_r"].to(dtype)
+        return matrix.reshape(self.holo.shape)
+
+    def _original_weight(self) -> nn.Parameter:
+        return nn.Parameter(self.holo.fragment("exact").clone(), requires_grad=self._weight_requires_grad)
+
+    def _original_bias(self) -> nn.Parameter | None:
+        if self.bias is None:
+            return None
+        return nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+
+
+class HoloLinear(_HoloModule):
+    """A ``nn.Linear`` whose weight is a :class:`HoloTensor` at a live level.
+
+    Build with :meth:`from_linear`. ``forward`` matches ``nn.Linear`` (bit for bit at the top level).
+    """
+
+    #: Inputs with at most this many rows use the int4 kernel on the CPU; more rows decode a
+    #: transient dense weight (measured crossover, see bench/results/nn_forward.md).
+    kernel_max_rows: int = 4
+
+    def __init__(self, holo: HoloTensor, bias: torch.Tensor | None = None, *,
+                 weight_requires_grad: bool = True, level: int | None = None):
+        """Wrap an encoded weight ``[out_features, in_features]``.
+
+        Args:
+            holo: the encoded weight.
+            bias: optional bias ``[out_features]`` (kept exact).
+            weight_requires_grad: the original weight's flag, restored by :meth:`to_original`.
+            level: starting level (default: the top, exact).
+
+        Raises:
+            InvalidRequestError: the weight is not 2-D or the bias does not match.
+        """
+        if len(holo.shape) != 2:
+            raise InvalidRequestError(f"HoloLinear needs a 2-D weight, got shape {tuple(holo.shape)}")
+        if bias is not None and tuple(bias.shape) != (holo.shape[0],):
+            raise InvalidRequestError(f"bias shape {tuple(bias.shape)} does not match {holo.shape[0]} outputs")
+        self.out_features, self.in_features = int(holo.shape[0]), int(holo.shape[1])
+        super().__init__(holo, bias, weight_requires_grad, level)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **encode_options) -> "HoloLinear":
+        """Encode an ``nn.Linear`` (its device is kept; the original is left untouched).
+
+        Args:
+            linear: the layer.
+            **encode_options: passed to :meth:`HoloTensor.encode` (``group_size``, ``rank``, ...).
+
+        Returns:
+            A HoloLinear at the top level on the linear's device.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise InvalidRequestError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        holo = HoloTensor.encode(linear.weight.detach(), **encode_options)
+        module = cls(holo, linear.bias, weight_requires_grad=linear.weight.requires_grad)
+        return module.to(linear.weight.device)
+
+    def to_original(self) -> nn.Linear:
+        """An ``nn.Linear`` bit-identical to the one encoded, on this module's device."""
+        exact = self.holo.fragment("exact")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=exact.dtype)
+        linear.weight = self._original_weight()
+        linear.bias = self._original_bias()
+        return linear.to(self._device_probe.device)
+
+    def _build(self, k, device):
+        resident = super()._build(k, device)
+        block = int4_kernel_block() if device.type == "cpu" else 0
+        meta = self.holo.meta
+        if (k == self.num_levels or not block or meta["group_size"] not in _KERNEL_GROUPS
+                or self.out_features % block or meta["padded_features"] % 32):
+            return resident
+        codes = unpack_nibbles(resident.pop("hi"))
+        if "lo" in resident:
+            codes = torch.cat([codes, unpack_nibbles(resident.pop("lo"))], dim=1)
+        resident["kernel_codes"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
+        return resident
+
+    def _dense_rotated(self, dtype: torch.dtype) -> torch.Tensor:
+        meta = self.holo.meta
+        if "kernel_codes" not in self._resident:
+            return dequantize_rotated(self._resident, meta, self._level, dtype)
+        codes = _kernel_unpack(self._resident["kernel_codes"], int4_kernel_block(), self.out_features)
+        padded = meta["padded_features"]
+        lo = codes[:, padded:] if self._level >= 2 else None
+        return dequantize_codes(codes[:, :padded], lo, self._resident["scales"], meta["group_size"], dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_level.T + bias`` over the last dimension of ``x``."""
+        if self._level == self.num_levels:
+            return F.linear(x, _as(self._resident["weight"], x.dtype), _as(self.bias, x.dtype))
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if "kernel_codes" in self._resident and rows <= self.kernel_max_rows:
+            return self._kernel_forward(x)
+        # Decode path: rotate the input rather than un-rotate the weight (fewer flops per call).
+        meta = self.holo.meta
+        flat = x.reshape(-1, self.in_features)
+        rotated = rotate_input(F.pad(flat, (0, meta["padded_features"] - self.in_features)),
+                               self._resident["signs"], meta["block"])
+        out = self._add_rank_and_bias(F.linear(rotated, self._dense_rotated(x.dtype)), flat)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        meta = self.holo.meta
+        flat = x.reshape(-1, self.in_features)
+        rotated = rotate_input(F.pad(flat.float(), (0, meta["padded_features"] - self.in_features)),
+                               self._resident["signs"], meta["block"]).to(torch.bfloat16)
+        scales = self._resident["scales"]
+        if self._level >= 2:
+            step = scales[..., :1] / 16
+            scales = torch.cat([scales, torch.cat([step, step / 2], dim=-1)], dim=0)
+            rotated = torch.cat([rotated, rotated], dim=-1)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rotated, self._resident["kernel_codes"], meta["group_size"], scales).to(x.dtype)
+        out = self._add_rank_and_bias(out, flat)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _add_rank_and_bias(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        if self.holo.rank:
+            out = out + F.linear(F.linear(flat, self._resident["rank_r"].to(flat.dtype)),
+                                 self._resident["rank_l"].to(flat.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, level={self._level}/{self.num_levels}")
+
+
+class HoloConv2d(_HoloModule):
+    """A ``nn.Conv2d`` whose weight is a :class:`HoloTensor` at a live level.
+
+    Build with :meth:`from_conv`. Quantised levels decode a transient dense weight per call (no
+    quantised conv kernel exists in torch); the top level is the original ``F.conv2d``.
+    """
+
+    def __init__(self, holo: HoloTensor, bias: torch.Tensor | None, conv_options: dict, *,
+                 weight_requires_grad: bool = True, level: int | None = None):
+        """Wrap an encoded conv weight ``[out, in/groups, kh, kw]``.
+
+        Args:
+            holo: the encoded weight.
+            bias: optional bias ``[out]`` (kept exact).
+            conv_options: ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+                ``padding``, ``dilation``, ``groups``, ``padding_mode`` of the original conv.
+            weight_requires_grad: the original weight's flag, restored by :meth:`to_original`.
+            level: starting level (default: the top, exact).
+        """
+        if len(holo.shape) != 4:
+            raise InvalidRequestError(f"HoloConv2d needs a 4-D weight, got shape {tuple(holo.shape)}")
+        if conv_options.get("padding_mode", "zeros") != "zeros":
+            raise InvalidRequestError("HoloConv2d supports padding_mode='zeros' only; keep this conv unpatched")
+        self.conv_options = dict(conv_options)
+        super().__init__(holo, bias, weight_requires_grad, level)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **encode_options) -> "HoloConv2d":
+        """Encode an ``nn.Conv2d`` (device kept, original untouched).
+
+        Args:
+            conv: the layer (``padding_mode='zeros'``).
+            **encode_options: passed to :meth:`HoloTensor.encode`.
+
+        Returns:
+            A HoloConv2d at the top level on the conv's device.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise InvalidRequestError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        options = {key: getattr(conv, key) for key in
+                   ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                    "groups", "padding_mode")}
+        holo = HoloTensor.encode(conv.weight.detach(), **encode_options)
+        module = cls(holo, conv.bias, options, weight_requires_grad=conv.weight.requires_grad)
+        return module.to(conv.weight.device)
+
+    def to_original(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` bit-identical to the one encoded, on this module's device."""
+        exact = self.holo.fragment("exact")
+        options = dict(self.conv_options, bias=self.bias is not None)
+        conv = nn.Conv2d(**options, device="meta", dtype=exact.dtype)
+        conv.weight = self._original_weight()
+        conv.bias = self._original_bias()
+        return conv.to(self._device_probe.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.conv2d`` with the weight of the current level."""
+        if self._level == self.num_levels:
+            weight = _as(self._resident["weight"], x.dtype)
+        else:
+            weight = self._dense_weight(x.dtype)
+        o = self.conv_options
+        return F.conv2d(x, weight, _as(self.bias, x.dtype), o["stride"], o["padding"],
+                        o["dilation"], o["groups"])
+
+    def extra_repr(self) -> str:
+        o = self.conv_options
+        return (f"{o['in_channels']}, {o['out_channels']}, kernel_size={o['kernel_size']}, "
+                f"stride={o['stride']}, level={self._level}/{self.num_levels}")
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if tensor is None or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
