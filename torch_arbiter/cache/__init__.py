@@ -11,6 +11,7 @@ from .device import DeviceTier
 from .disk import DiskTier
 from .fragment_cache import FragmentCache, UnknownFragmentError
 from .host import HostTier
+from .remote import RemoteTier
 
 __all__ = [
     "FragmentCache",
@@ -21,4 +22,5 @@ __all__ = [
     "DeviceTier",
     "HostTier",
     "DiskTier",
+    "RemoteTier",
 ]

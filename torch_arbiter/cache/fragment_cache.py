@@ -20,6 +20,7 @@ from .config import CacheConfig, CacheStats, CacheTier
 from .device import DeviceTier
 from .disk import DiskTier
 from .host import HostTier
+from .remote import RemoteTier
 
 __all__ = ["FragmentCache", "UnknownFragmentError"]
 
@@ -61,19 +62,25 @@ class FragmentCache:
     def __init__(self, config: CacheConfig | None = None) -> None:
         self.config = config if config is not None else CacheConfig()
         self._lock = threading.RLock()
+        # the network is the likeliest failure: reach it before creating a private spill directory
+        remote = (
+            RemoteTier(self.config.remote_url, timeout=self.config.remote_timeout)
+            if self.config.remote_url is not None
+            else None
+        )
         self._stores: dict[CacheTier, TierStore] = {
             CacheTier.DEVICE: DeviceTier(self.config.device),
             CacheTier.HOST: HostTier(pin=bool(self.config.pin_host_memory)),
             CacheTier.DISK: DiskTier(self.config.spill_dir, self.config.holo_dir),
         }
-        if self.config.remote_url is not None:
-            from .remote import RemoteTier
-
-            self._stores[CacheTier.REMOTE] = RemoteTier(self.config.remote_url, timeout=self.config.remote_timeout)
-        # writable copies per tier, least recently used first, with their byte sizes
+        if remote is not None:
+            self._stores[CacheTier.REMOTE] = remote
+        # writable copies per tier, least recently used first, with their byte sizes; and their sum
         self._lru: dict[CacheTier, OrderedDict[str, int]] = {tier: OrderedDict() for tier in CacheTier}
+        self._used = dict.fromkeys(CacheTier, 0)
         for key, nbytes in self._stores[CacheTier.DISK].existing_copies().items():
             self._lru[CacheTier.DISK][key] = nbytes
+            self._used[CacheTier.DISK] += nbytes
         self._hits = dict.fromkeys(CacheTier, 0)
         self._misses = dict.fromkeys(CacheTier, 0)
         self._promotions = self._demotions = self._evictions = 0
@@ -142,10 +149,11 @@ class FragmentCache:
         with self._lock:
             self._check_open()
             source = self._find(key, tier)
+            tensor = self._stores[source].read(key)
+            self._hits[source] += 1
             if source is tier:
                 self._touch(key, tier)
-                return self._stores[tier].read(key)
-            tensor = self._stores[source].read(key)
+                return tensor
             nbytes = tensor_nbytes(tensor)
             if source is CacheTier.REMOTE and self.config.stage_remote_on_disk and tier < CacheTier.DISK:
                 self._stage_on_disk(key, tensor)
@@ -229,7 +237,7 @@ class FragmentCache:
     def resident_bytes(self, tier: CacheTier) -> int:
         """Bytes of the writable copies held at ``tier`` now."""
         with self._lock:
-            return sum(self._lru[self._check_tier(tier)].values())
+            return self._used[self._check_tier(tier)]
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters (see ``CacheStats``)."""
@@ -242,7 +250,7 @@ class FragmentCache:
             return CacheStats(
                 hits=dict(self._hits),
                 misses=dict(self._misses),
-                resident_bytes={tier: sum(self._lru[tier].values()) for tier in CacheTier},
+                resident_bytes=dict(self._used),
                 entries=entries,
                 promotions=self._promotions,
                 demotions=self._demotions,
@@ -286,12 +294,11 @@ class FragmentCache:
         return [tier for tier in CacheTier if key in self._lru[tier]]
 
     def _find(self, key: str, tier: CacheTier) -> CacheTier:
-        """The tier to read ``key`` from for a ``get`` at ``tier``, counting hits and misses."""
+        """The tier to read ``key`` from for a ``get`` at ``tier``, counting the misses on the way."""
         held = set(self._tiers_holding(key))
         for candidate in [*range(tier, len(CacheTier)), *range(tier - 1, -1, -1)]:
             candidate = CacheTier(candidate)
             if candidate in held:
-                self._hits[candidate] += 1
                 return candidate
             if candidate >= tier:
                 self._misses[candidate] += 1
@@ -305,7 +312,9 @@ class FragmentCache:
         """Write a copy at ``tier`` after making room; the copy becomes most recently used."""
         nbytes = tensor_nbytes(tensor)
         self._make_room(tier, nbytes - self._lru[tier].get(key, 0), keep=key)
-        self._lru[tier][key] = self._stores[tier].write(key, tensor)
+        written = self._stores[tier].write(key, tensor)
+        self._used[tier] += written - self._lru[tier].get(key, 0)
+        self._lru[tier][key] = written
         self._lru[tier].move_to_end(key)
 
     def _make_room(self, tier: CacheTier, nbytes: int, *, keep: str) -> None:
@@ -319,11 +328,11 @@ class FragmentCache:
                 f"{tier.name} tier ({capacity} bytes); raise CacheConfig.{tier.name.lower()}_capacity_bytes"
             )
         for victim in list(self._lru[tier]):
-            if sum(self._lru[tier].values()) + nbytes <= capacity:
+            if self._used[tier] + nbytes <= capacity:
                 return
             if victim != keep and self._can_leave(victim, tier):
                 self._evict_one(victim, tier)
-        if sum(self._lru[tier].values()) + nbytes > capacity:
+        if self._used[tier] + nbytes > capacity:
             raise InsufficientMemoryError(
                 f"the {tier.name} tier ({capacity} bytes) is full of fragments that exist nowhere below it; "
                 f"raise CacheConfig.{tier.name.lower()}_capacity_bytes or give the cache a lower tier to spill to"
@@ -365,7 +374,9 @@ class FragmentCache:
         self._bytes_demoted += tensor_nbytes(tensor)
 
     def _drop(self, key: str, tier: CacheTier) -> None:
-        if self._lru[tier].pop(key, None) is not None:
+        nbytes = self._lru[tier].pop(key, None)
+        if nbytes is not None:
+            self._used[tier] -= nbytes
             self._stores[tier].delete(key)
 
     def _stage_on_disk(self, key: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,245 @@
+"""FragmentCache over a real holo checkpoint: DISK through HoloCheckpoint, REMOTE through a real
+HTTP server on 127.0.0.1 with Range support."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import socket
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
+from torch_arbiter.errors import CorruptFragmentError, FormatError, InsufficientMemoryError, InvalidRequestError
+from torch_arbiter.holo import HoloTensor
+from torch_arbiter.holo.format import INDEX_NAME, HoloCheckpoint, save_holo
+
+DEVICE, HOST, DISK, REMOTE = CacheTier.DEVICE, CacheTier.HOST, CacheTier.DISK, CacheTier.REMOTE
+
+
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with single ``bytes=a-b`` ranges; records every request on the server."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        time.sleep(server.delay)
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404, "no such file")
+            return
+        size = path.stat().st_size
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
+        if match is None or not server.honour_range:
+            start, end, status = 0, size - 1, 200
+        else:
+            start, end, status = int(match[1]), min(int(match[2]), size - 1), 206
+            if start >= size:
+                self.send_error(416, "range not satisfiable")
+                return
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            try:
+                self.wfile.write(handle.read(end - start + 1))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client had what it needed (a range read from a 200) or gave up (timeout)
+
+
+@pytest.fixture(scope="module")
+def holo_dir(tmp_path_factory) -> Path:
+    """A real holo checkpoint of two encoded weights and one plain tensor."""
+    generator = torch.Generator().manual_seed(0)
+    directory = tmp_path_factory.mktemp("holo") / "checkpoint"
+    save_holo(
+        directory,
+        {
+            "layer.weight": HoloTensor.encode(torch.randn(128, 96, generator=generator)),
+            "head.weight": HoloTensor.encode(torch.randn(64, 128, generator=generator).to(torch.bfloat16)),
+            "layer.bias": torch.randn(64, generator=generator),
+        },
+    )
+    return directory
+
+
+def _serve(directory: Path, **options):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(directory)))
+    server.daemon_threads = True
+    server.requests = []
+    server.delay = options.get("delay", 0.0)
+    server.honour_range = options.get("honour_range", True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture
+def served(holo_dir):
+    server, url = _serve(holo_dir)
+    yield server, url
+    server.shutdown()
+    server.server_close()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
+
+
+def test_disk_tier_serves_the_holo_checkpoint_read_only(holo_dir, tmp_path):
+    checkpoint = HoloCheckpoint.open(holo_dir)
+    fragment_ids = list(checkpoint.fragment_ids())
+    assert len(fragment_ids) > 3
+    config = CacheConfig(device="cpu", holo_dir=holo_dir, spill_dir=tmp_path / "spill")
+    with FragmentCache(config) as cache:
+        assert set(cache.keys()) == set(fragment_ids)
+        for fid in fragment_ids:
+            assert cache.tiers_of(fid) == (DISK,)
+            assert _same(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
+            assert cache.tiers_of(fid) == (DEVICE, DISK)
+            cache.demote(fid, DISK)  # the checkpoint already holds it: nothing is written
+            assert cache.tiers_of(fid) == (DISK,)
+        assert not list((tmp_path / "spill").iterdir())
+        assert cache.stats().resident_bytes[DISK] == 0
+        assert cache.stats().entries[DISK] == len(fragment_ids)
+        with pytest.raises(InvalidRequestError, match="bytes in the read-only DISK source"):
+            cache.put(fragment_ids[0], torch.zeros(3, dtype=torch.uint8), HOST)
+
+
+def test_remote_tier_fetches_each_fragment_with_one_range_request(holo_dir, served, tmp_path):
+    server, url = served
+    checkpoint = HoloCheckpoint.open(holo_dir)
+    config = CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path / "spill", stage_remote_on_disk=False)
+    with FragmentCache(config) as cache:
+        assert server.requests == [(f"/{INDEX_NAME}", None)]
+        for fid in checkpoint.fragment_ids():
+            assert cache.tiers_of(fid) == (REMOTE,)
+            assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+            entry = checkpoint.fragment_entry(fid)
+            path, byte_range = server.requests[-1]
+            assert path == "/" + entry["file"]
+            assert byte_range == f"bytes={entry['offset']}-{entry['offset'] + entry['length'] - 1}"
+            assert cache.tiers_of(fid) == (HOST, REMOTE)
+        assert len(server.requests) == 1 + len(list(checkpoint.fragment_ids()))
+        fetched = cache.stats()
+        assert fetched.hits[REMOTE] == len(list(checkpoint.fragment_ids())) and fetched.misses[DISK] == fetched.hits[REMOTE]
+
+
+def test_remote_fragments_are_staged_on_disk_and_then_read_locally(holo_dir, served, tmp_path):
+    server, url = served
+    checkpoint = HoloCheckpoint.open(holo_dir)
+    fid = next(iter(checkpoint.fragment_ids()))
+    config = CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path / "spill")
+    with FragmentCache(config) as cache:
+        cache.get(fid, DEVICE)
+        assert cache.tiers_of(fid) == (DEVICE, DISK, REMOTE)
+        cache.demote(fid, DISK)
+        requests_before = len(server.requests)
+        assert _same(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
+        assert len(server.requests) == requests_before, "a staged fragment went back to the network"
+
+
+def test_server_ignoring_range_still_gives_the_right_bytes(holo_dir, tmp_path):
+    server, url = _serve(holo_dir, honour_range=False)
+    try:
+        checkpoint = HoloCheckpoint.open(holo_dir)
+        with FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path)) as cache:
+            for fid in checkpoint.fragment_ids():
+                assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_corrupted_remote_bytes_raise_corrupt_fragment_naming_the_url(holo_dir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(holo_dir, damaged)
+    checkpoint = HoloCheckpoint.open(damaged)
+    fid = next(iter(checkpoint.fragment_ids()))
+    entry = checkpoint.fragment_entry(fid)
+    data_file = damaged / entry["file"]
+    data = bytearray(data_file.read_bytes())
+    data[entry["offset"] + entry["length"] // 2] ^= 0x5A
+    data_file.write_bytes(bytes(data))
+    server, url = _serve(damaged)
+    try:
+        with FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path / "spill")) as cache:
+            with pytest.raises(CorruptFragmentError, match=re.escape(url.rstrip("/"))):
+                cache.get(fid, DEVICE)
+            assert cache.tiers_of(fid) == (REMOTE,), "a corrupt fragment must not be cached"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_or_wrong_servers_are_clear_errors(holo_dir, tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with pytest.raises(CorruptFragmentError, match="could not fetch the holo index"):
+        FragmentCache(CacheConfig(device="cpu", remote_url=f"http://127.0.0.1:{closed_port}/", spill_dir=tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server, url = _serve(empty)
+    try:
+        with pytest.raises(CorruptFragmentError, match="HTTP 404"):
+            FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path))
+        (empty / INDEX_NAME).write_text("{not json")
+        with pytest.raises(FormatError, match="holo index"):
+            FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_slow_server_times_out_instead_of_hanging(holo_dir, tmp_path):
+    server, url = _serve(holo_dir)
+    try:
+        with FragmentCache(CacheConfig(device="cpu", remote_url=url, remote_timeout=0.3, spill_dir=tmp_path)) as cache:
+            fid = next(iter(cache.keys()))
+            server.delay = 3.0
+            started = time.perf_counter()
+            with pytest.raises(CorruptFragmentError, match="could not fetch fragment"):
+                cache.get(fid, HOST)
+            assert time.perf_counter() - started < 2.5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bounded_disk_drops_only_copies_the_remote_still_holds(holo_dir, served, tmp_path):
+    _, url = served
+    checkpoint = HoloCheckpoint.open(holo_dir)
+    fids = sorted(checkpoint.fragment_ids(), key=lambda fid: checkpoint.fragment_entry(fid)["length"])
+    capacity = checkpoint.fragment_entry(fids[-1])["length"]
+    config = CacheConfig(device="cpu", remote_url=url, disk_capacity_bytes=capacity, spill_dir=tmp_path / "spill")
+    with FragmentCache(config) as cache:
+        unique = torch.arange(4, dtype=torch.uint8)
+        for fid in fids:
+            cache.get(fid, HOST)
+            cache.demote(fid, DISK)  # REMOTE holds it: the HOST copy just goes
+            assert cache.resident_bytes(DISK) <= capacity
+        cache.put("local-only", unique, HOST)
+        cache.demote("local-only", DISK)  # evicts staged remote copies to make room
+        assert cache.tiers_of("local-only") == (DISK,)
+        assert _same(cache.get("local-only", HOST), unique)
+        with pytest.raises(InsufficientMemoryError):
+            cache.put("too-big", torch.zeros(capacity + 1, dtype=torch.uint8), DISK)
+        for fid in fids:
+            assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
