@@ -46,7 +46,7 @@ from .ledger import (
     thread_workload,
     workload_key,
 )
-from .scope import install, is_installed, pluggable_allocator, recover_from_oom, run_with_recovery, workload_scope
+from .scope import empty_pool_caches, install, is_installed, pluggable_allocator, recover_from_oom, run_with_recovery, workload_scope
 
 __all__ = [
     "DEFAULT_WORKLOAD",
@@ -58,6 +58,7 @@ __all__ = [
     "backend",
     "clear_refusal",
     "detach_ledgers",
+    "empty_pool_caches",
     "install",
     "is_installed",
     "last_refusal",

@@ -42,10 +42,14 @@ void ta_set_error(const char *fmt, ...) {
     va_end(ap);
 }
 
+/* Live allocations and bytes are counted per shard of the pointer table (under its lock). */
 static struct {
-    _Atomic uint64_t live_allocs, live_bytes, invalid_args, unknown_frees, refused,
-        backend_failures, ledger_errors, reaped_bytes;
+    _Atomic uint64_t invalid_args, unknown_frees, refused, backend_failures, ledger_errors,
+        reaped_bytes;
 } g_stats;
+
+static uint64_t live_allocs(void);
+static uint64_t live_bytes(void);
 
 static void record_refusal(uint64_t key, uint64_t requested, uint64_t used, uint64_t limit,
                            int device, int reason) {
@@ -65,8 +69,8 @@ void torch_arbiter_clear_refusal(void) { tl_has_refusal = 0; }
 
 void torch_arbiter_get_stats(ta_stats *out) {
     if (!out) return;
-    out->live_allocs = atomic_load(&g_stats.live_allocs);
-    out->live_bytes = atomic_load(&g_stats.live_bytes);
+    out->live_allocs = live_allocs();
+    out->live_bytes = live_bytes();
     out->invalid_args = atomic_load(&g_stats.invalid_args);
     out->unknown_frees = atomic_load(&g_stats.unknown_frees);
     out->refused = atomic_load(&g_stats.refused);
@@ -105,9 +109,9 @@ int torch_arbiter_set_backend(int backend) {
         ta_set_error("unknown backend %d: use 0 (host), 1 (cuda) or 2 (cuda_async)", backend);
         return -EINVAL;
     }
-    if (backend != torch_arbiter_backend() && atomic_load(&g_stats.live_allocs) != 0) {
+    if (backend != torch_arbiter_backend() && live_allocs() != 0) {
         ta_set_error("cannot switch backend while %llu allocations are live: free them first",
-                     (unsigned long long)atomic_load(&g_stats.live_allocs));
+                     (unsigned long long)live_allocs());
         return -EBUSY;
     }
     atomic_store(&g_backend, backend);
@@ -242,6 +246,7 @@ typedef struct {
     live_entry *table;
     size_t capacity; /* power of two */
     size_t count;
+    uint64_t bytes;
 } live_shard;
 
 static live_shard g_shards[SHARDS];
@@ -288,6 +293,7 @@ static int live_insert(live_entry entry) {
     while (shard->table[i].ptr) i = (i + 1) & mask;
     shard->table[i] = entry;
     shard->count++;
+    shard->bytes += entry.size;
     pthread_mutex_unlock(&shard->lock);
     return 1;
 }
@@ -322,9 +328,25 @@ static int live_remove(uintptr_t ptr, live_entry *out) {
     }
     shard->table[hole].ptr = 0;
     shard->count--;
+    shard->bytes -= out->size;
     pthread_mutex_unlock(&shard->lock);
     return 1;
 }
+
+static uint64_t live_total(int want_bytes) {
+    pthread_once(&g_shards_once, init_shards);
+    uint64_t total = 0;
+    for (int i = 0; i < SHARDS; i++) {
+        pthread_mutex_lock(&g_shards[i].lock);
+        total += want_bytes ? g_shards[i].bytes : g_shards[i].count;
+        pthread_mutex_unlock(&g_shards[i].lock);
+    }
+    return total;
+}
+
+static uint64_t live_allocs(void) { return live_total(0); }
+
+static uint64_t live_bytes(void) { return live_total(1); }
 
 /* ---- the current workload of the calling thread ---- */
 
@@ -423,8 +445,6 @@ void *torch_arbiter_alloc(ssize_t size, int device, ta_stream_t stream) {
         record_refusal(tl_key, (uint64_t)size, 0, 0, device, REFUSE_BACKEND);
         return NULL;
     }
-    atomic_fetch_add_explicit(&g_stats.live_allocs, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&g_stats.live_bytes, (uint64_t)size, memory_order_relaxed);
     return ptr;
 }
 
@@ -441,14 +461,12 @@ void torch_arbiter_free(void *ptr, size_t size, int device, ta_stream_t stream) 
     backend_free(entry.backend, ptr, entry.device, stream);
     ta_ledger *ledger = ta_ledger_get(entry.device);
     if (ledger) ta_ledger_uncharge(ledger, entry.slot, entry.size);
-    atomic_fetch_sub_explicit(&g_stats.live_allocs, 1, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&g_stats.live_bytes, entry.size, memory_order_relaxed);
 }
 
 int torch_arbiter_ledger_detach_all(void) {
-    if (atomic_load(&g_stats.live_allocs) != 0) {
+    if (live_allocs() != 0) {
         ta_set_error("cannot detach while %llu allocations are live: free them first",
-                     (unsigned long long)atomic_load(&g_stats.live_allocs));
+                     (unsigned long long)live_allocs());
         return -EBUSY;
     }
     return ta_ledger_detach_all();
@@ -551,10 +569,9 @@ static void after_fork_child(void) {
         free(g_shards[i].table);
         g_shards[i].table = NULL;
         g_shards[i].capacity = g_shards[i].count = 0;
+        g_shards[i].bytes = 0;
         pthread_mutex_init(&g_shards[i].lock, NULL);
     }
-    atomic_store(&g_stats.live_allocs, 0);
-    atomic_store(&g_stats.live_bytes, 0);
     ta_ledger_after_fork_child();
 }
 

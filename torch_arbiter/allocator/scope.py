@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from ..arbiter import Arbiter, QualityChange
 
 __all__ = [
+    "empty_pool_caches",
     "install",
     "is_installed",
     "pluggable_allocator",
@@ -75,8 +78,24 @@ def pluggable_allocator() -> Any:
     with _lock:
         if _pluggable is None:
             library()  # fail with the library's own message before PyTorch's AssertionError
+            loaded = _loaded_cudart()
+            if loaded and not os.environ.get("TORCH_ARBITER_CUDART"):
+                os.environ["TORCH_ARBITER_CUDART"] = loaded  # the C side resolves this copy first
             _pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), ALLOC_SYMBOL, FREE_SYMBOL)
         return _pluggable
+
+
+def _loaded_cudart() -> str | None:
+    """Path of the libcudart this process already mapped (PyTorch's), so the library uses that copy."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith("libcudart.so"):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def install(*, enforce: bool = False) -> None:
@@ -256,8 +275,21 @@ def workload_scope(arbiter: "Arbiter", allocation: "Allocation") -> Iterator["Al
         yield allocation
 
 
+def empty_pool_caches(arbiter: "Arbiter") -> None:
+    """Give the cached but unused segments of an arbiter's workload pools back to the device.
+
+    Segments PyTorch caches in a workload's pool stay charged to that workload until released,
+    and PyTorch does not release them by itself when the pool's allocator refuses. This calls
+    ``torch.cuda.empty_cache()`` outside and inside each pool (PyTorch versions differ in which
+    pools a bare ``empty_cache()`` reaches). A no-op on CPU and in global mode.
+
+    Args:
+        arbiter: the arbiter whose workload pools to empty.
+    """
+    _empty_caches(_sync_for(arbiter))
+
+
 def _empty_caches(sync: _LimitSync) -> None:
-    """Give cached but unused segments back, so they stop counting against their workload."""
     if not sync.cuda or _installed:
         return
     import torch
@@ -269,7 +301,9 @@ def _empty_caches(sync: _LimitSync) -> None:
             torch.cuda.empty_cache()
 
 
-def recover_from_oom(arbiter: "Arbiter", allocation: "Allocation", error: BaseException | None = None) -> bool:
+def recover_from_oom(
+    arbiter: "Arbiter", allocation: "Allocation", error: BaseException | None = None, *, headroom: float = 1.0
+) -> bool:
     """One recovery step after ``torch.OutOfMemoryError`` in a workload: make room, say if it did.
 
     Asks the arbiter to grow ``allocation``'s grant by what the refused allocation needed
@@ -282,6 +316,8 @@ def recover_from_oom(arbiter: "Arbiter", allocation: "Allocation", error: BaseEx
         arbiter: the arbiter.
         allocation: the workload that ran out.
         error: the caught error (only logged).
+        headroom: ask for this multiple (>= 1) of the shortfall: a forward makes many
+            allocations and only the first refused one is known, so later retries ask for more.
 
     Returns:
         True when memory was granted (retrying makes sense), False when the arbiter could not
@@ -293,7 +329,9 @@ def recover_from_oom(arbiter: "Arbiter", allocation: "Allocation", error: BaseEx
     if refusal is None or refusal.key != key or refusal.reason != "limit":
         _empty_caches(sync)
         return False
-    needed = max(1, refusal.used + refusal.requested - (refusal.limit or 0))
+    if not headroom >= 1.0:
+        raise InvalidRequestError(f"headroom must be >= 1, got {headroom!r}")
+    needed = max(1, math.ceil((refusal.used + refusal.requested - (refusal.limit or 0)) * headroom))
     _log.info("workload %s refused %d bytes (%s); reclaiming %d", allocation.name, refusal.requested, error, needed)
     granted = arbiter.reclaim(allocation, needed)
     sync.sync(allocation)
@@ -319,7 +357,8 @@ def run_with_recovery(
     This is the workload boundary of OOM recovery: when the workload's limit refuses an
     allocation, PyTorch raises ``torch.OutOfMemoryError``; this catches it, calls
     :func:`recover_from_oom` (the arbiter lowers lower-priority workloads, caches are emptied)
-    and runs ``fn`` again, at most ``retries`` more times.
+    and runs ``fn`` again, at most ``retries`` more times; retry k asks for 2**k times the
+    shortfall of the allocation that was refused.
 
     Args:
         arbiter: the arbiter that granted ``allocation``.
@@ -347,7 +386,7 @@ def run_with_recovery(
                 return fn(*args, **kwargs)
         except out_of_memory as exc:
             refusal = last_refusal()
-            if attempt < retries and recover_from_oom(arbiter, allocation, exc):
+            if attempt < retries and recover_from_oom(arbiter, allocation, exc, headroom=2.0**attempt):
                 attempt += 1
                 continue
             raise _budget_error(arbiter, allocation, refusal, attempt, exc) from exc

@@ -1,0 +1,304 @@
+"""Check the pluggable allocator on a real CUDA device and print what it measured.
+
+What it does (one GPU, a few minutes):
+
+1. Builds two randomly initialised models on the CPU (no model hub): a small transformers
+   ``LlamaForCausalLM`` and a diffusers ``UNet2DModel``, and measures, with PyTorch's native
+   caching allocator, their load footprint, their forward time (cold: right after
+   ``empty_cache()``; warm: median) and the memory a forward needs at a few batch sizes.
+2. Makes an :class:`~torch_arbiter.arbiter.Arbiter` on ``cuda:N`` with a virtual budget that fits
+   both models at full quality plus their measured activations (a virtual tracker, so the
+   numbers do not depend on what else the card holds), requests the LLM at HIGH and the UNet at
+   LOW priority, and loads each model inside ``arbiter.workload(...)``: weights and activations
+   now come from the workload's ``torch.cuda.MemPool`` backed by the library, charged to the
+   shared ledger and refused past the workload's grant.
+3. Times the same forwards in their pools (overhead against the native allocator).
+4. Runs an LLM forward with a batch too big for its grant: shows the refusal
+   (``torch.OutOfMemoryError`` and the ledger's record), then recovers it with
+   ``run_with_recovery`` (the arbiter lowers the UNet's quality to grow the LLM's grant) and prints
+   the quality changes; then runs the UNet under its lowered grant (recovered or refused with a
+   typed error naming who holds what).
+5. In a child process, installs the library globally (``install()`` before CUDA starts) and times
+   the same LLM forward (no caching on top: every tensor is a cudaMalloc).
+
+    python scripts/gpu_check.py [--device 0] [--iters 20]
+
+Exit codes: 0 done, 2 no CUDA device (nothing measured), 1 a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import torch
+
+MIB = 1 << 20
+SEQ = 128
+LLM_BATCHES = (16, 12, 8, 6, 4, 3, 2)
+UNET_BATCH = 4
+
+
+def build_llm() -> torch.nn.Module:
+    """A small random Llama (about 20 M parameters, vocabulary 32000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_unet() -> torch.nn.Module:
+    """A random diffusers UNet2DModel for 64x64 RGB images (about 110 M parameters)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512)).eval()
+
+
+def llm_forward(model: torch.nn.Module, device: torch.device, batch: int) -> torch.Tensor:
+    ids = torch.randint(0, 32000, (batch, SEQ), device=device)
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def unet_forward(model: torch.nn.Module, device: torch.device, batch: int = UNET_BATCH) -> torch.Tensor:
+    sample = torch.randn(batch, 3, 64, 64, device=device)
+    with torch.inference_mode():
+        return model(sample, torch.tensor(10, device=device)).sample
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+
+
+def time_forward(fn, iters: int, empty) -> tuple[float, float]:
+    """(cold ms right after ``empty()``, warm median ms over ``iters``)."""
+    empty()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    cold = (time.perf_counter() - start) * 1e3
+    warm = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        warm.append((time.perf_counter() - start) * 1e3)
+    return cold, statistics.median(warm)
+
+
+def native_peak(fn, device: torch.device) -> int:
+    """Bytes the native caching allocator reserves on top of the current state while ``fn`` runs."""
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_reserved(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_reserved(device) - base
+
+
+def measure_native(llm_cpu, unet_cpu, device, iters) -> dict:
+    """Footprints and timings with PyTorch's own allocator (models copied, freed afterwards)."""
+    out: dict = {}
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    llm = copy.deepcopy(llm_cpu).to(device)
+    out["llm_load_reserved"] = torch.cuda.memory_reserved(device) - before
+    out["llm_peak_by_batch"] = {b: native_peak(lambda b=b: llm_forward(llm, device, b), device) for b in (1, *LLM_BATCHES)}
+    out["llm_ms"] = time_forward(lambda: llm_forward(llm, device, 1), iters, torch.cuda.empty_cache)
+    before = torch.cuda.memory_reserved(device)
+    unet = copy.deepcopy(unet_cpu).to(device)
+    out["unet_load_reserved"] = torch.cuda.memory_reserved(device) - before
+    out["unet_peak"] = native_peak(lambda: unet_forward(unet, device), device)
+    out["unet_ms"] = time_forward(lambda: unet_forward(unet, device), iters, torch.cuda.empty_cache)
+    del llm, unet
+    torch.cuda.empty_cache()
+    return out
+
+
+def global_child(device_index: int, iters: int) -> int:
+    """Child process: global mode (install before CUDA starts), time the LLM forward, print JSON."""
+    from torch_arbiter import allocator as ta_alloc
+
+    ta_alloc.install()
+    device = torch.device("cuda", device_index)
+    llm = build_llm().to(device)
+    cold, warm = time_forward(lambda: llm_forward(llm, device, 1), iters, lambda: None)
+    usage = ta_alloc.Ledger(device_index).usage(ta_alloc.DEFAULT_WORKLOAD)
+    stats = ta_alloc.stats()
+    print(json.dumps({"cold_ms": cold, "warm_ms": warm, "ledger_used": usage.used if usage else 0, "live_allocs": stats.live_allocs}))
+    return 0
+
+
+def run_global_child(device_index: int, iters: int, prefix: str) -> dict:
+    env = dict(os.environ, TORCH_ARBITER_ALLOC_BACKEND="cuda", TORCH_ARBITER_LEDGER_PREFIX=prefix)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--global-child", "--device", str(device_index), "--iters", str(iters)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip()[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ledger_lines(ledger, names: dict[int, str]) -> str:
+    rows = []
+    for usage in ledger.workloads():
+        if usage.key in names:
+            limit = "none" if usage.limit is None else f"{usage.limit / MIB:.1f} MiB"
+            rows.append(f"    {names[usage.key]:<6} used {usage.used / MIB:8.1f} MiB  limit {limit}  peak {usage.peak / MIB:.1f} MiB  refused {usage.refused}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check torch_arbiter's pluggable allocator on a CUDA device.")
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--global-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "gpu_check: no CUDA device is visible (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}). Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch; "
+            "on this machine the allocator is tested through its host backend: pytest tests/test_allocator*.py",
+            file=sys.stderr,
+        )
+        return 2
+    if args.global_child:
+        return global_child(args.device, args.iters)
+
+    from torch_arbiter import Priority, WorkloadType
+    from torch_arbiter import allocator as ta_alloc
+    from torch_arbiter.arbiter import Arbiter, ArbiterConfig
+    from torch_arbiter.errors import WorkloadOutOfMemoryError
+    from torch_arbiter.memory import GpuMemoryTracker
+
+    prefix = f"ta_gpu_check_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    ta_alloc.set_ledger_prefix(prefix)
+    device = torch.device("cuda", args.device)
+    torch.cuda.set_device(device)
+    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    llm_cpu, unet_cpu = build_llm(), build_unet()
+    llm_bytes, unet_bytes = param_bytes(llm_cpu), param_bytes(unet_cpu)
+    print(f"models: llama {llm_bytes / MIB:.1f} MiB, unet {unet_bytes / MIB:.1f} MiB of weights (fp32)")
+
+    native = measure_native(llm_cpu, unet_cpu, device, args.iters)
+    peaks = native["llm_peak_by_batch"]
+    print("native: load reserved llama %.1f MiB, unet %.1f MiB; forward peak llama b1 %.1f MiB, unet b%d %.1f MiB"
+          % (native["llm_load_reserved"] / MIB, native["unet_load_reserved"] / MIB, peaks[1] / MIB, UNET_BATCH, native["unet_peak"] / MIB))
+
+    # Each grant fits its model at full quality plus its measured load slack and forward peak.
+    margin = 16 * MIB
+    llm_act = native["llm_load_reserved"] - llm_bytes + peaks[1] + margin
+    unet_act = native["unet_load_reserved"] - unet_bytes + native["unet_peak"] + margin
+    budget = llm_bytes + llm_act + unet_bytes + unet_act
+    floor = WorkloadType.IMAGE_GENERATION.floor
+    reclaimable = int((1 - floor) * unet_bytes * 0.8)
+    # The largest batch that overflows the LLM's grant by less than the UNet can give up.
+    overflow = {b: peaks[b] - peaks[1] - margin for b in LLM_BATCHES}
+    big = next((b for b in LLM_BATCHES if 0 < overflow[b] < reclaimable), LLM_BATCHES[-1])
+    print(f"budget: {budget / MIB:.1f} MiB virtual on {device}; LLM batch {big} overflows its grant by ~{overflow[big] / MIB:.1f} MiB, "
+          f"the UNet can give ~{reclaimable / MIB:.1f} MiB above its floor {floor}")
+
+    arbiter = Arbiter(ArbiterConfig(vram_bytes=budget, device=str(device)), tracker=GpuMemoryTracker("cpu", budget))
+    changes_seen: list[str] = []
+    arbiter.add_listener(lambda changes: changes_seen.extend(
+        f"{c.allocation.name}: q {c.old_quality:.2f} -> {c.new_quality:.2f}, grant {c.old_bytes / MIB:.1f} -> {c.new_bytes / MIB:.1f} MiB" for c in changes))
+    llm_alloc = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.HIGH, bytes=llm_bytes, activation_bytes=llm_act, name="llama")
+    unet_alloc = arbiter.request_allocation_blocking(WorkloadType.IMAGE_GENERATION, Priority.LOW, bytes=unet_bytes, activation_bytes=unet_act, name="unet")
+    names = {ta_alloc.workload_key(llm_alloc.id): "llama", ta_alloc.workload_key(unet_alloc.id): "unet"}
+    with arbiter.workload(llm_alloc):
+        llm = llm_cpu.to(device)
+    with arbiter.workload(unet_alloc):
+        unet = unet_cpu.to(device)
+    ledger = ta_alloc.Ledger(args.device)
+    print(f"ledger {ledger.name} after loading inside the workload scopes:\n{ledger_lines(ledger, names)}")
+
+    def in_scope(allocation, fn):
+        def run():
+            with arbiter.workload(allocation):
+                return fn()
+        return run
+
+    pooled_llm = time_forward(in_scope(llm_alloc, lambda: llm_forward(llm, device, 1)), args.iters, lambda: ta_alloc.empty_pool_caches(arbiter))
+    pooled_unet = time_forward(in_scope(unet_alloc, lambda: unet_forward(unet, device)), args.iters, lambda: ta_alloc.empty_pool_caches(arbiter))
+    print(f"ledger after the pooled forwards:\n{ledger_lines(ledger, names)}")
+
+    failures = 0
+    print(f"\nrecovery: llama forward at batch {big} inside its grant of {llm_alloc.granted_bytes / MIB:.1f} MiB")
+    try:
+        with arbiter.workload(llm_alloc):
+            llm_forward(llm, device, big)
+        print("  not refused: the grant was large enough (no recovery shown)")
+        failures += 1
+    except torch.OutOfMemoryError as exc:
+        print(f"  refused as expected: {type(exc).__name__}; ledger says {ta_alloc.last_refusal()}")
+    changes_seen.clear()
+    attempts = []
+
+    def big_step():
+        attempts.append(1)
+        return llm_forward(llm, device, big).shape
+
+    try:
+        shape = ta_alloc.run_with_recovery(arbiter, llm_alloc, big_step, retries=3)
+        print(f"  recovered by run_with_recovery after {len(attempts)} attempts: logits {tuple(shape)}")
+    except WorkloadOutOfMemoryError as exc:
+        print(f"  NOT recovered: {exc}")
+        failures += 1
+    print("  arbiter changes: " + ("; ".join(changes_seen) or "none"))
+    print(f"  ledger:\n{ledger_lines(ledger, names)}")
+    try:
+        ta_alloc.run_with_recovery(arbiter, unet_alloc, lambda: unet_forward(unet, device))
+        print(f"  unet forward under its lowered grant ({unet_alloc.granted_bytes / MIB:.1f} MiB): ran (its pool cache covered it)")
+    except WorkloadOutOfMemoryError as exc:
+        print(f"  unet forward under its lowered grant refused with a typed error, as designed:\n    {exc}")
+
+    global_mode = run_global_child(args.device, args.iters, prefix)
+    print("\noverhead against PyTorch's native allocator (ms; cold = first forward after emptying caches, warm = median of %d):" % args.iters)
+    print(f"  {'forward':<22} {'native cold':>11} {'native warm':>11} {'pool cold':>10} {'pool warm':>10} {'warm ratio':>10}")
+    for label, nat, pooled in (("llama b1 seq%d" % SEQ, native["llm_ms"], pooled_llm), ("unet b%d 64x64" % UNET_BATCH, native["unet_ms"], pooled_unet)):
+        print(f"  {label:<22} {nat[0]:11.2f} {nat[1]:11.2f} {pooled[0]:10.2f} {pooled[1]:10.2f} {pooled[1] / nat[1]:9.2f}x")
+    if "error" in global_mode:
+        print(f"  global mode child failed: {global_mode['error']}")
+        failures += 1
+    else:
+        print(f"  global mode (install(), no caching) llama b1: cold {global_mode['cold_ms']:.2f} ms, warm {global_mode['warm_ms']:.2f} ms "
+              f"({global_mode['warm_ms'] / native['llm_ms'][1]:.2f}x native warm); ledger default workload {global_mode['ledger_used'] / MIB:.1f} MiB")
+    stats = ta_alloc.stats()
+    print(f"\nallocator stats (this process): {stats}")
+    for allocation in (llm_alloc, unet_alloc):
+        allocation.release()
+    arbiter.close()
+    del llm, unet
+    ta_alloc.empty_pool_caches(arbiter)
+    ledger.unlink()
+    print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
