@@ -14,10 +14,14 @@ from .arbiter import (
     WorkloadInfo,
     get_default_arbiter,
 )
+from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
 from .coordinator import Coordinator, CoordinatorConfig
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .gpu import DetectionMethod, GpuDetectionResult, GpuDetector, GpuInfo, GpuVendor
+from .holo import HoloTensor
 from .memory import GpuMemoryTracker, MemoryPressure, MemoryStats
+from .nn import HoloConv2d, HoloLinear
 from .priority import Priority, WorkloadKind, WorkloadType
 from .quality import QualityAllocation, QualityBudget, QualityPolicy
 
@@ -28,6 +32,18 @@ __all__ = [
     "AllocationResult",
     "AllocationState",
     "Arbiter",
+    "CacheConfig",
+    "CacheStats",
+    "CacheTier",
+    "DetectionMethod",
+    "FragmentCache",
+    "GpuDetectionResult",
+    "GpuDetector",
+    "GpuInfo",
+    "GpuVendor",
+    "HoloConv2d",
+    "HoloLinear",
+    "HoloTensor",
     "ArbiterConfig",
     "ArbiterState",
     "ArbiterStats",
