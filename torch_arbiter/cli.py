@@ -19,6 +19,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(vram_gb=args.vram_gb, quick=args.quick)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .holo.convert import convert, format_summary
+
+    rank = args.rank if args.rank == "auto" else int(args.rank)
+    summary = convert(args.src, args.dst, gguf_file=args.gguf_file, group_size=args.group_size,
+                      rank=rank, overwrite=args.overwrite, progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .holo.convert import format_summary, summarize
+
+    print(format_summary(summarize(args.path)))
+    return 0
+
+
+def _rank_option(value: str) -> str:
+    if value == "auto" or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError("--rank takes 'auto' or a non-negative integer")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torch-arbiter",
@@ -30,6 +53,22 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vram-gb", type=float, default=None, help="virtual device size (CPU)")
     demo.add_argument("--quick", action="store_true", help="shorter run (used by the tests)")
     demo.set_defaults(func=_cmd_demo)
+
+    conv = sub.add_parser("convert", help="encode a model (transformers/diffusers dir, safetensors, GGUF) "
+                                          "into a holo checkpoint")
+    conv.add_argument("src", help="transformers model dir, diffusers pipeline dir, or .safetensors file")
+    conv.add_argument("dst", help="destination directory of the holo checkpoint (must not exist)")
+    conv.add_argument("--gguf-file", default=None, help="GGUF file name inside SRC (dequantised by transformers)")
+    conv.add_argument("--group-size", type=int, default=64, help="weights per scale group (default 64)")
+    conv.add_argument("--rank", type=_rank_option, default="auto",
+                      help="low-rank branch: 'auto' (kept where it measures better per byte), 0, or a rank")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(func=_cmd_convert)
+
+    insp = sub.add_parser("inspect", help="print the summary of a holo checkpoint")
+    insp.add_argument("path", help="holo checkpoint directory")
+    insp.set_defaults(func=_cmd_inspect)
 
     return parser
 

@@ -468,41 +468,31 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
                 "pass the layer's own input activations")
     weight_norm = torch.linalg.vector_norm(weight).item() or 1.0
 
-    def quantize(residual: torch.Tensor):
-        rotated = rotate_input(torch.nn.functional.pad(residual, (0, padded - in_features)), signs_dev, block)
-        return _quantize_groups(rotated, group_size)
+    def rotated(matrix: torch.Tensor) -> torch.Tensor:
+        if padded != in_features:
+            matrix = torch.nn.functional.pad(matrix, (0, padded - in_features))
+        return rotate_input(matrix, signs_dev, block)
 
-    candidates = [(0, None, None, quantize(weight))]
+    r, left, right = 0, None, None
     if rank != 0:
         r = _auto_rank(out, in_features) if rank == "auto" else min(rank, out, in_features)
-        if r > 0:
-            left, right = _low_rank(weight, r, seed)
-            residual = weight - left.float() @ right.float()
-            candidates.append((r, left, right, quantize(residual)))
-
-    def errors_of(candidate):
-        # The rotation is orthonormal, so errors are measured in the rotated space; padded columns
-        # carry error there that never reaches the output, so this slightly over-reports.
-        r, left, right, (scales, hi, lo, dec4, dec8, target) = candidate
-        return [torch.linalg.vector_norm(dec - target).item() / weight_norm for dec in (dec4, dec8)]
-
-    chosen = candidates[0]
-    if len(candidates) == 2:
-        base_err, rank_err = errors_of(candidates[0])[0], errors_of(candidates[1])[0]
-        r = candidates[1][0]
-        extra_bits = r * (out + in_features) * 2 * 8 / (out * padded)
-        # Keep the rank branch only if it beats spending its bytes on precision (1 bit = 2x error).
+    if r:
+        left, right = _low_rank(weight, r, seed)
         if rank == "auto":
-            if rank_err < base_err * 2.0 ** (-extra_bits):
-                chosen = candidates[1]
-        else:
-            chosen = candidates[1]
-    r, left, right, (scales, hi, lo, dec4, dec8, target) = chosen
-    fragments = {
-        "signs": signs,
-        "scales": scales.cpu(),
-        "hi": pack_nibbles(hi).cpu(),
-    }
+            # Decide on a row sample (groups are row-local, so the error estimate is unbiased):
+            # keep the branch only if it beats spending its bytes on precision (1 bit = 2x error).
+            rows = torch.arange(0, out, max(1, out // 2048), device=weight.device)
+            sample = weight[rows]
+            plain_err = _quantize_groups(rotated(sample), group_size)[3]
+            rank_err = _quantize_groups(rotated(sample - left[rows].float() @ right.float()), group_size)[3]
+            extra_bits = r * (out + in_features) * 2 * 8 / (out * padded)
+            if not rank_err < plain_err * 4.0 ** (-extra_bits):  # squared errors: 4x per bit
+                r, left, right = 0, None, None
+    target = weight - left.float() @ right.float() if r else weight
+    scales, hi, lo, err4, err8 = _quantize_groups(rotated(target), group_size)
+    del target
+
+    fragments = {"signs": signs, "scales": scales.cpu(), "hi": pack_nibbles(hi).cpu()}
     specs = {"signs": (_LEVEL_INT4, KIND_PRECISION), "scales": (_LEVEL_INT4, KIND_PRECISION),
              "hi": (_LEVEL_INT4, KIND_PRECISION)}
     if r:
@@ -513,13 +503,19 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
     fragments["exact"] = exact
     specs["exact"] = (3, KIND_EXACT)
 
-    errors = [torch.linalg.vector_norm(dec - target).item() / weight_norm for dec in (dec4, dec8)]
-    fidelity = [{"rel_error": e} for e in errors]
+    # The rotation is orthonormal, so errors are measured in the rotated space; padded columns carry
+    # error there that never reaches the output, so with padding this slightly over-reports.
+    fidelity = [{"rel_error": math.sqrt(e) / weight_norm} for e in (err4, err8)]
     if calib is not None:
-        rotated_x = rotate_input(torch.nn.functional.pad(calib, (0, padded - in_features)), signs_dev, block)
+        rotated_x = rotated(calib)
         reference = torch.linalg.vector_norm(calib @ weight.t()).item() or 1.0
-        for fid, dec in zip(fidelity, (dec4, dec8)):
-            fid["out_rel_error"] = torch.linalg.vector_norm(rotated_x @ (dec - target).t()).item() / reference
+        target_out = rotated_x @ rotated(weight).t()
+        for fid, lo_codes in zip(fidelity, (None, lo)):
+            approx = dequantize_codes(hi, lo_codes, scales, group_size, torch.float32)
+            approx_out = rotated_x @ approx.t()
+            if r:
+                approx_out += (calib @ right.float().t()) @ left.float().t()
+            fid["out_rel_error"] = torch.linalg.vector_norm(approx_out - target_out).item() / reference
     meta.update(
         scheme="nested4x2", in_features=in_features, padded_features=padded, group_size=group_size,
         block=block, seed=seed, rank=r,
@@ -538,24 +534,30 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
 
 
 def _quantize_groups(rotated: torch.Tensor, group_size: int):
-    """Nested 4+4-bit code of ``rotated`` [out, Kp]: bf16 scales [G, out, 2], hi, lo codes, decodes."""
+    """Nested 4+4-bit code of ``rotated [out, Kp]`` (consumed: modified in place).
+
+    Returns:
+        bf16 scales ``[G, out, 2]``, ``hi`` and ``lo`` codes ``uint8 [out, Kp]``, and the squared
+        Frobenius errors of levels 1 and 2.
+    """
     out = rotated.shape[0]
-    groups = rotated.reshape(out, -1, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)
-    zero = (low + 8 * (high - low) / 15).to(torch.bfloat16).float()
+    groups = rotated.view(out, -1, group_size)
+    low, high = torch.aminmax(groups, dim=-1)
+    zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()
     # Grid zero + (q - 8) * scale, q in 0..15, must cover [low, high] with the rounded zero.
     scale = torch.maximum((zero - low) / 8, (high - zero) / 7)
     scale = _round_up_bf16(torch.clamp_min(scale, 1e-30)).float()
     base = (zero - 8 * scale).unsqueeze(-1)
     step = scale.unsqueeze(-1)
-    hi = torch.clamp(torch.round((groups - base) / step), 0, 15)
-    dec4 = base + hi * step
+    hi = torch.sub(groups, base).div_(step).round_().clamp_(0, 15)
+    residual = groups.sub_(hi.mul(step).add_(base))  # groups now holds w - dec4
+    err4 = torch.linalg.vector_norm(residual).item() ** 2
     fine = step / 16
-    lo = torch.clamp(torch.round((groups - dec4) / fine + 7.5), 0, 15)
-    dec8 = dec4 + (lo - 7.5) * fine
+    lo = torch.div(residual, fine).add_(7.5).round_().clamp_(0, 15)
+    residual.sub_(lo.sub(7.5).mul_(fine))
+    err8 = torch.linalg.vector_norm(residual).item() ** 2
     scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-    return (scales, hi.reshape(out, -1).to(torch.uint8), lo.reshape(out, -1).to(torch.uint8),
-            dec4.reshape(out, -1), dec8.reshape(out, -1), rotated)
+    return (scales, hi.to(torch.uint8).view(out, -1), lo.to(torch.uint8).view(out, -1), err4, err8)
 
 
 def _auto_rank(out: int, in_features: int) -> int:
