@@ -31,15 +31,25 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         server = self.server
-        server.requests.append((self.path, self.headers.get("Range")))
-        time.sleep(server.delay)
+        with server.lock:
+            server.requests.append((self.path, self.headers.get("Range")))
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            time.sleep(server.delay)
+            self._send_file()
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def _send_file(self) -> None:
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404, "no such file")
             return
         size = path.stat().st_size
         match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
-        if match is None or not server.honour_range:
+        if match is None or not self.server.honour_range:
             start, end, status = 0, size - 1, 200
         else:
             start, end, status = int(match[1]), min(int(match[2]), size - 1), 206
@@ -79,6 +89,8 @@ def _serve(directory: Path, **options):
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(directory)))
     server.daemon_threads = True
     server.requests = []
+    server.lock = threading.Lock()
+    server.in_flight = server.max_in_flight = 0
     server.delay = options.get("delay", 0.0)
     server.honour_range = options.get("honour_range", True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -243,3 +255,49 @@ def test_bounded_disk_drops_only_copies_the_remote_still_holds(holo_dir, served,
             cache.put("too-big", torch.zeros(capacity + 1, dtype=torch.uint8), DISK)
         for fid in fids:
             assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+
+
+def test_get_many_overlaps_remote_fetches(holo_dir, tmp_path):
+    server, url = _serve(holo_dir, delay=0.2)
+    try:
+        checkpoint = HoloCheckpoint.open(holo_dir)
+        fids = checkpoint.fragment_ids()
+        with FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path)) as cache:
+            got = cache.get_many(fids, DEVICE, max_workers=4)
+            assert list(got) == fids
+            assert all(_same(got[fid], checkpoint.read_fragment(fid)) for fid in fids)
+            assert server.max_in_flight > 1, "fetches ran one after another"
+            assert all(cache.tiers_of(fid) == (DEVICE, DISK, REMOTE) for fid in fids)
+            with pytest.raises(InvalidRequestError, match="max_workers"):
+                cache.get_many(fids, max_workers=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slow_fetch_does_not_block_other_calls_and_a_concurrent_put_wins(holo_dir, tmp_path):
+    server, url = _serve(holo_dir)
+    try:
+        checkpoint = HoloCheckpoint.open(holo_dir)
+        fid = checkpoint.fragment_ids()[0]
+        original = checkpoint.read_fragment(fid)
+        replacement = original.clone()
+        replacement.view(torch.uint8)[0] ^= 0xFF  # same size, different bytes
+        config = CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path, stage_remote_on_disk=False)
+        with FragmentCache(config) as cache:
+            server.delay = 0.8
+            result: list[torch.Tensor] = []
+            fetcher = threading.Thread(target=lambda: result.append(cache.get(fid, HOST)))
+            fetcher.start()
+            while not server.in_flight:
+                time.sleep(0.01)
+            cache.put("local", torch.ones(4), DEVICE)  # not held up by the fetch in flight
+            assert _same(cache.get("local", HOST), torch.ones(4))
+            cache.put(fid, replacement, DISK)  # not at HOST: the fetch must notice, not just find it there
+            assert fetcher.is_alive(), "the fetch finished before the calls above: the check proves nothing"
+            fetcher.join()
+            assert _same(result[0], replacement), "a fetch that raced a put() returned stale bytes"
+            assert _same(cache.get(fid, HOST), replacement)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -46,6 +46,16 @@ class TierStore(abc.ABC):
     def delete(self, key: str) -> None:
         """Drop the writable copy of ``key`` (the source, if any, is untouched)."""
 
+    def read_source(self, key: str) -> torch.Tensor:
+        """The tensor of ``key`` from the read-only source, skipping writable copies. Sources never
+        change, so the cache calls this without holding its lock.
+
+        Raises:
+            KeyError: the tier has no source or the source lacks ``key``.
+            CorruptFragmentError: the stored bytes fail their checksum or cannot be read.
+        """
+        raise KeyError(key)
+
     def source_has(self, key: str) -> bool:
         """True when the read-only source holds ``key`` (never for tiers without a source)."""
         return False

@@ -70,9 +70,7 @@ class DiskTier(TierStore):
         path = self._spill_path(key)
         if path.exists():
             return _read_spill_file(path, key)
-        if key in self._source_ids:
-            return self.checkpoint.read_fragment(key)
-        raise KeyError(key)
+        return self.read_source(key)
 
     def write(self, key: str, tensor: torch.Tensor) -> int:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -90,6 +88,11 @@ class DiskTier(TierStore):
 
     def delete(self, key: str) -> None:
         self._spill_path(key).unlink(missing_ok=True)
+
+    def read_source(self, key: str) -> torch.Tensor:
+        if key not in self._source_ids:
+            raise KeyError(key)
+        return self.checkpoint.read_fragment(key)
 
     def source_has(self, key: str) -> bool:
         return key in self._source_ids

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
 
 import torch
 
@@ -53,9 +54,9 @@ class FragmentCache:
           is the lowest writable tier) is skipped, and if nothing can make room the call fails
           with ``InsufficientMemoryError`` — having lost nothing.
 
-    Limits: one lock guards the whole cache, including disk and network reads, so a slow
-    remote fetch delays other threads' calls (correctness over concurrency; fetch in advance
-    when latency matters). Tensors handed to ``put`` or returned by ``get`` may share storage
+    Limits: one lock guards the cache's state and its writable copies (memory, spill files);
+    reads from the read-only sources (holo checkpoint, HTTP) happen outside it, so a slow fetch
+    does not hold up other calls and ``get_many`` overlaps fetches. Tensors handed to ``put`` or returned by ``get`` may share storage
     with the cache's copies: do not modify them in place.
     """
 
@@ -78,6 +79,7 @@ class FragmentCache:
         # writable copies per tier, least recently used first, with their byte sizes; and their sum
         self._lru: dict[CacheTier, OrderedDict[str, int]] = {tier: OrderedDict() for tier in CacheTier}
         self._used = dict.fromkeys(CacheTier, 0)
+        self._versions: dict[str, int] = {}  # bumped by put(): a read done without the lock is stale
         for key, nbytes in self._stores[CacheTier.DISK].existing_copies().items():
             self._lru[CacheTier.DISK][key] = nbytes
             self._used[CacheTier.DISK] += nbytes
@@ -120,6 +122,7 @@ class FragmentCache:
                         f"but the tensor put is {nbytes} bytes; use another key for different data"
                     )
             self._store(key, tensor, tier)
+            self._versions[key] = self._versions.get(key, 0) + 1
             for other in list(self._writable_tiers(key)):
                 if other is not tier:
                     self._drop(key, other)
@@ -146,27 +149,69 @@ class FragmentCache:
         """
         tier = self._check_tier(tier)
         self._check_key(key)
-        with self._lock:
-            self._check_open()
-            source = self._find(key, tier)
-            tensor = self._stores[source].read(key)
-            self._hits[source] += 1
-            if source is tier:
-                self._touch(key, tier)
-                return tensor
-            nbytes = tensor_nbytes(tensor)
-            if source is CacheTier.REMOTE and self.config.stage_remote_on_disk and tier < CacheTier.DISK:
-                self._stage_on_disk(key, tensor)
-            if not self._writable(tier):
-                return tensor
-            self._store(key, tensor, tier)
-            if source > tier:
-                self._promotions += 1
-                self._bytes_promoted += nbytes
-            else:
-                self._demotions += 1
-                self._bytes_demoted += nbytes
-            return self._stores[tier].read(key)
+        while True:
+            with self._lock:
+                self._check_open()
+                source = self._find(key, tier)
+                if key in self._lru[source]:  # a writable copy may move: read it under the lock
+                    return self._finish_get(key, tier, source, self._stores[source].read(key))
+                version = self._versions.get(key, 0)
+                store = self._stores[source]
+            # read-only sources never change, so they are read without the lock: fetches of
+            # different fragments (``get_many``) overlap, and other calls are not held up
+            tensor = store.read_source(key)
+            with self._lock:
+                self._check_open()
+                if self._versions.get(key, 0) == version:
+                    return self._finish_get(key, tier, source, tensor)
+            # a put() replaced the fragment while it was being read: look it up again
+
+    def get_many(
+        self, keys: Iterable[str], tier: CacheTier = CacheTier.DEVICE, *, max_workers: int = 8
+    ) -> dict[str, torch.Tensor]:
+        """``get`` several fragments, reading those from DISK/REMOTE sources in parallel.
+
+        Raising a model's quality needs many fragments at once; over HTTP each costs a round
+        trip, so overlapping them divides the wait by up to ``max_workers``.
+
+        Args:
+            keys: the fragment ids.
+            tier: where the caller wants them.
+            max_workers: most reads in flight at once.
+
+        Returns:
+            key → tensor at ``tier``, in the order of ``keys``.
+
+        Raises:
+            The first error any ``get`` raises (fragments fetched before it stay cached).
+        """
+        keys = list(keys)
+        if not isinstance(max_workers, int) or max_workers < 1:
+            raise InvalidRequestError(f"max_workers must be a positive int, got {max_workers!r}")
+        if len(keys) <= 1 or max_workers == 1:
+            return {key: self.get(key, tier) for key in keys}
+        with ThreadPoolExecutor(max_workers=min(max_workers, len(keys)), thread_name_prefix="fragment-cache") as pool:
+            return dict(zip(keys, pool.map(lambda key: self.get(key, tier), keys)))
+
+    def _finish_get(self, key: str, tier: CacheTier, source: CacheTier, tensor: torch.Tensor) -> torch.Tensor:
+        """Count the hit and copy ``tensor`` (read from ``source``) to ``tier``; lock held."""
+        self._hits[source] += 1
+        if source is tier or key in self._lru[tier]:  # the latter: another thread got it there first
+            self._touch(key, tier)
+            return tensor if source is tier else self._stores[tier].read(key)
+        nbytes = tensor_nbytes(tensor)
+        if source is CacheTier.REMOTE and self.config.stage_remote_on_disk and tier < CacheTier.DISK:
+            self._stage_on_disk(key, tensor)
+        if not self._writable(tier):
+            return tensor
+        self._store(key, tensor, tier)
+        if source > tier:
+            self._promotions += 1
+            self._bytes_promoted += nbytes
+        else:
+            self._demotions += 1
+            self._bytes_demoted += nbytes
+        return self._stores[tier].read(key)
 
     def demote(self, key: str, tier: CacheTier) -> None:
         """Drop the copies of ``key`` above ``tier``, writing it to ``tier`` first if they are the

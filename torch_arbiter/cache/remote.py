@@ -63,6 +63,9 @@ class RemoteTier(TierStore):
         self._entries: dict[str, dict] = _fragment_entries(index, index_url)
 
     def read(self, key: str) -> torch.Tensor:
+        return self.read_source(key)
+
+    def read_source(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         url = urllib.parse.urljoin(self.base_url, urllib.parse.quote(entry["file"]))
         offset, length = int(entry["offset"]), int(entry["length"])
