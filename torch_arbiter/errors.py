@@ -20,6 +20,7 @@ __all__ = [
     "PatchError",
     "AllocatorError",
     "WorkloadOutOfMemoryError",
+    "ModelNotAvailableError",
 ]
 
 
@@ -68,3 +69,7 @@ class AllocatorError(ArbiterError):
 
 class WorkloadOutOfMemoryError(ArbiterError):
     """A workload ran out of its budget even after the arbiter reclaimed memory and retried."""
+
+
+class ModelNotAvailableError(ArbiterError):
+    """A model or file the project loads locally is not installed (the message names the pip command)."""
