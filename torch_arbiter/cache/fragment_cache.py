@@ -26,6 +26,13 @@ from .remote import RemoteTier
 __all__ = ["FragmentCache", "UnknownFragmentError"]
 
 
+# where get(key, tier) looks: the tier itself, then each lower tier, then the tiers above (nearest first)
+_SEARCH_ORDER = {
+    tier: (*(CacheTier(t) for t in range(tier, len(CacheTier))), *(CacheTier(t) for t in range(tier - 1, -1, -1)))
+    for tier in CacheTier
+}
+
+
 class UnknownFragmentError(InvalidRequestError, KeyError):
     """A fragment key that no tier of the cache holds."""
 
@@ -325,8 +332,11 @@ class FragmentCache:
 
     # ------------------------------------------------------------------ internals (lock held)
 
+    def _holds(self, tier: CacheTier, key: str) -> bool:
+        return key in self._lru[tier] or self._source_has(tier, key)
+
     def _tiers_holding(self, key: str) -> list[CacheTier]:
-        return [tier for tier in CacheTier if key in self._lru[tier] or self._source_has(tier, key)]
+        return [tier for tier in CacheTier if self._holds(tier, key)]
 
     def _source_has(self, tier: CacheTier, key: str) -> bool:
         store = self._stores.get(tier)
@@ -340,10 +350,8 @@ class FragmentCache:
 
     def _find(self, key: str, tier: CacheTier) -> CacheTier:
         """The tier to read ``key`` from for a ``get`` at ``tier``, counting the misses on the way."""
-        held = set(self._tiers_holding(key))
-        for candidate in [*range(tier, len(CacheTier)), *range(tier - 1, -1, -1)]:
-            candidate = CacheTier(candidate)
-            if candidate in held:
+        for candidate in _SEARCH_ORDER[tier]:
+            if self._holds(candidate, key):
                 return candidate
             if candidate >= tier:
                 self._misses[candidate] += 1
