@@ -596,7 +596,7 @@ class GpuDetector:
                     vendor=GpuVendor.AMD if hip else GpuVendor.NVIDIA,
                     total_bytes=int(total),
                     free_bytes=int(free),
-                    driver=hip or torch.version.cuda,
+                    driver=None,  # torch knows its CUDA/HIP runtime version, not the driver's
                     compute_capability=(
                         getattr(properties, "gcnArchName", None) if hip else f"{properties.major}.{properties.minor}"
                     ),
