@@ -326,22 +326,29 @@ def test_used_always_equals_live_bytes_and_stays_under_limit(limits, ops):
 
 # ---- processes -------------------------------------------------------------------------------
 
+# Children load the built library with bare ctypes (no torch import: a child starts in tens of ms).
 _CHILD = textwrap.dedent(
     """
     import ctypes, sys, time
-    from torch_arbiter import allocator as ta_alloc
-    from torch_arbiter.allocator import _lib
-    mode, key = sys.argv[1], int(sys.argv[2])
-    lib = _lib.library()
-    with ta_alloc.selected_workload(key):
-        if mode == "exercise":
-            r = _lib.ExerciseResult()
-            rc = lib.torch_arbiter_exercise(7, 0, int(sys.argv[3]), 8, 1, 64 * 1024, int(sys.argv[4]), ctypes.byref(r))
-            print(rc, r.successes, r.refusals, r.violations, r.max_used_seen, flush=True)
-        else:
-            ptr = lib.torch_arbiter_alloc(int(sys.argv[3]), 0, None)
-            print("ready" if ptr else "refused", flush=True)
-            time.sleep(60)
+    path, mode, key = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    lib = ctypes.CDLL(path)
+    lib.torch_arbiter_set_thread_workload.argtypes = [ctypes.c_uint64]
+    lib.torch_arbiter_set_thread_workload.restype = ctypes.c_uint64
+    lib.torch_arbiter_alloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    lib.torch_arbiter_alloc.restype = ctypes.c_void_p
+    lib.torch_arbiter_set_thread_workload(key)
+    if mode == "exercise":
+        print("ready", flush=True)
+        sys.stdin.readline()  # start together with the others
+        r = (ctypes.c_uint64 * 5)()  # ta_exercise_result: successes, refusals, violations, max_used_seen, ns
+        u64 = ctypes.c_uint64
+        lib.torch_arbiter_exercise.argtypes = [ctypes.c_int, ctypes.c_int, u64, ctypes.c_uint32, u64, u64, u64, ctypes.c_void_p]
+        rc = lib.torch_arbiter_exercise(7, 0, int(sys.argv[4]), 8, 1, 64 * 1024, int(sys.argv[5]), r)
+        print(rc, *list(r)[:4], flush=True)
+    else:
+        ptr = lib.torch_arbiter_alloc(int(sys.argv[4]), 0, None)
+        print("ready" if ptr else "refused", flush=True)
+        time.sleep(60)
     """
 )
 
@@ -350,14 +357,23 @@ def _child(ledger, *args: object) -> subprocess.Popen:
     prefix = ledger.name.split(".u")[0].lstrip("/")
     env = dict(os.environ, TORCH_ARBITER_LEDGER_PREFIX=prefix, TORCH_ARBITER_ALLOC_BACKEND="host")
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, *map(str, args)], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _CHILD, _lib.library_path(), *map(str, args)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
 def test_four_processes_share_one_limit(ledger):
     limit = 512 * 1024
     ledger.set_limit(77, limit)
-    children = [_child(ledger, "exercise", 77, 150_000, seed) for seed in range(1, 5)]
+    children = [_child(ledger, "exercise", 77, 300_000, seed) for seed in range(1, 5)]
+    for child in children:
+        assert child.stdout.readline().strip() == "ready"
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
     reports = []
     for child in children:
         out, _ = child.communicate(timeout=120)
@@ -365,7 +381,7 @@ def test_four_processes_share_one_limit(ledger):
         reports.append([int(x) for x in out.split()])
     for rc, successes, refusals, violations, max_used in reports:
         assert rc == 0 and violations == 0 and max_used <= limit
-        assert successes + refusals == 150_000 and successes > 0
+        assert successes + refusals == 300_000 and successes > 0
     usage = ledger.usage(77)
     assert usage.used == 0 and usage.processes == {} and usage.peak <= limit
     assert usage.refused == sum(r[2] for r in reports) > 0  # the four really contended

@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -242,23 +243,31 @@ typedef struct {
 } live_entry;
 
 typedef struct {
-    pthread_mutex_t lock;
+    _Atomic int locked; /* a spinlock: held for a few dozen instructions, never across calls */
     live_entry *table;
     size_t capacity; /* power of two */
     size_t count;
     uint64_t bytes;
-} live_shard;
+} __attribute__((aligned(64))) live_shard;
 
 static live_shard g_shards[SHARDS];
-static pthread_once_t g_shards_once = PTHREAD_ONCE_INIT;
+
+static void shard_lock(live_shard *shard) {
+    unsigned spins = 0;
+    while (atomic_exchange_explicit(&shard->locked, 1, memory_order_acquire)) {
+        while (atomic_load_explicit(&shard->locked, memory_order_relaxed)) {
+            if (++spins > 100) sched_yield(); /* the holder was preempted: let it run */
+        }
+    }
+}
+
+static void shard_unlock(live_shard *shard) {
+    atomic_store_explicit(&shard->locked, 0, memory_order_release);
+}
 
 static uint64_t hash_ptr(uintptr_t p) {
     uint64_t h = (uint64_t)p * 0x9E3779B97F4A7C15ULL;
     return h ^ (h >> 31);
-}
-
-static void init_shards(void) {
-    for (int i = 0; i < SHARDS; i++) pthread_mutex_init(&g_shards[i].lock, NULL);
 }
 
 static live_shard *shard_of(uint64_t h) { return &g_shards[h >> 58]; }
@@ -283,9 +292,9 @@ static int shard_grow(live_shard *shard) {
 static int live_insert(live_entry entry) {
     uint64_t h = hash_ptr(entry.ptr);
     live_shard *shard = shard_of(h);
-    pthread_mutex_lock(&shard->lock);
+    shard_lock(shard);
     if ((shard->count + 1) * 2 > shard->capacity && !shard_grow(shard)) {
-        pthread_mutex_unlock(&shard->lock);
+        shard_unlock(shard);
         return 0;
     }
     size_t mask = shard->capacity - 1;
@@ -294,7 +303,7 @@ static int live_insert(live_entry entry) {
     shard->table[i] = entry;
     shard->count++;
     shard->bytes += entry.size;
-    pthread_mutex_unlock(&shard->lock);
+    shard_unlock(shard);
     return 1;
 }
 
@@ -302,16 +311,16 @@ static int live_insert(live_entry entry) {
 static int live_remove(uintptr_t ptr, live_entry *out) {
     uint64_t h = hash_ptr(ptr);
     live_shard *shard = shard_of(h);
-    pthread_mutex_lock(&shard->lock);
+    shard_lock(shard);
     if (!shard->capacity) {
-        pthread_mutex_unlock(&shard->lock);
+        shard_unlock(shard);
         return 0;
     }
     size_t mask = shard->capacity - 1;
     size_t i = h & mask;
     while (shard->table[i].ptr && shard->table[i].ptr != ptr) i = (i + 1) & mask;
     if (!shard->table[i].ptr) {
-        pthread_mutex_unlock(&shard->lock);
+        shard_unlock(shard);
         return 0;
     }
     *out = shard->table[i];
@@ -329,17 +338,16 @@ static int live_remove(uintptr_t ptr, live_entry *out) {
     shard->table[hole].ptr = 0;
     shard->count--;
     shard->bytes -= out->size;
-    pthread_mutex_unlock(&shard->lock);
+    shard_unlock(shard);
     return 1;
 }
 
 static uint64_t live_total(int want_bytes) {
-    pthread_once(&g_shards_once, init_shards);
     uint64_t total = 0;
     for (int i = 0; i < SHARDS; i++) {
-        pthread_mutex_lock(&g_shards[i].lock);
+        shard_lock(&g_shards[i]);
         total += want_bytes ? g_shards[i].bytes : g_shards[i].count;
-        pthread_mutex_unlock(&g_shards[i].lock);
+        shard_unlock(&g_shards[i]);
     }
     return total;
 }
@@ -426,7 +434,6 @@ void *torch_arbiter_alloc(ssize_t size, int device, ta_stream_t stream) {
         }
         return NULL;
     }
-    pthread_once(&g_shards_once, init_shards);
     ta_ledger *ledger = ta_ledger_get(device);
     if (!ledger) {
         atomic_fetch_add(&g_stats.ledger_errors, 1);
@@ -452,7 +459,6 @@ void torch_arbiter_free(void *ptr, size_t size, int device, ta_stream_t stream) 
     (void)size;   /* the recorded size is the truth; PyTorch passes the same one */
     (void)device; /* likewise the recorded device */
     if (!ptr) return;
-    pthread_once(&g_shards_once, init_shards);
     live_entry entry;
     if (!live_remove((uintptr_t)ptr, &entry)) {
         atomic_fetch_add(&g_stats.unknown_frees, 1);
@@ -556,12 +562,11 @@ int torch_arbiter_exercise(int flags, int device, uint64_t iterations, uint32_t 
 /* ---- fork: the child is a new process for the ledger and owns none of the parent's blocks ---- */
 
 static void before_fork(void) {
-    pthread_once(&g_shards_once, init_shards);
-    for (int i = 0; i < SHARDS; i++) pthread_mutex_lock(&g_shards[i].lock);
+    for (int i = 0; i < SHARDS; i++) shard_lock(&g_shards[i]);
 }
 
 static void after_fork_parent(void) {
-    for (int i = SHARDS - 1; i >= 0; i--) pthread_mutex_unlock(&g_shards[i].lock);
+    for (int i = SHARDS - 1; i >= 0; i--) shard_unlock(&g_shards[i]);
 }
 
 static void after_fork_child(void) {
@@ -570,7 +575,7 @@ static void after_fork_child(void) {
         g_shards[i].table = NULL;
         g_shards[i].capacity = g_shards[i].count = 0;
         g_shards[i].bytes = 0;
-        pthread_mutex_init(&g_shards[i].lock, NULL);
+        atomic_store(&g_shards[i].locked, 0);
     }
     ta_ledger_after_fork_child();
 }
