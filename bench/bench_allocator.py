@@ -69,6 +69,7 @@ def _machine() -> str:
     return (
         f"- CPU: {cpu}, {os.cpu_count()} logical cores (shared with other jobs: medians, not means)\n"
         f"- OS: {platform.platform()}\n- Python {platform.python_version()}, compiler: {cc[0] if cc else 'unknown'}\n"
+        f"- load average at the end (1/5/15 min): {'/'.join(f'{x:.2f}' for x in os.getloadavg())}\n"
         f"- commit: {commit or 'unknown'}"
     )
 

@@ -184,6 +184,25 @@ def test_two_threads_a_million_pairs_each_no_violation_no_leak(ledger):
     assert stats.live_allocs == 0 and stats.live_bytes == 0
 
 
+def test_many_live_blocks_freed_in_random_order(ledger):
+    import random
+
+    sizes = [random.Random(i).randint(1, 4096) for i in range(50_000)]
+    with ta_alloc.selected_workload(31):
+        ptrs = [_alloc(size) for size in sizes]
+    assert all(ptrs) and len(set(ptrs)) == len(ptrs)
+    assert ta_alloc.stats().live_allocs == len(ptrs) and ledger.usage(31).used == sum(sizes)
+    order = list(range(len(ptrs)))
+    random.Random(7).shuffle(order)
+    unknown_before = ta_alloc.stats().unknown_frees
+    for count, index in enumerate(order, start=1):
+        _free(ptrs[index], sizes[index])
+        if count % 10_000 == 0:  # one live block fewer per free, none lost or found twice
+            assert ta_alloc.stats().live_allocs == len(ptrs) - count
+    assert ta_alloc.stats().unknown_frees == unknown_before  # every pointer was found in the table
+    assert ledger.usage(31).used == 0 and ta_alloc.stats().live_bytes == 0
+
+
 # ---- garbage arguments -----------------------------------------------------------------------
 
 

@@ -3,6 +3,9 @@ and out-of-memory recovery through the host backend (the same library calls as o
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_allocator import ledger  # noqa: F401  (the isolated-ledger fixture)
@@ -113,6 +116,18 @@ def test_recovery_arguments_and_other_errors(arbiter):
 
     with pytest.raises(KeyError):
         ta_alloc.run_with_recovery(arbiter, image, broken)
+
+
+def test_scoped_arbiter_stays_collectable(ledger):  # noqa: F811
+    arb = Arbiter(ArbiterConfig.for_vram_gb(1))
+    chat = _request(arb, WorkloadType.LLM_INFERENCE, Priority.LOW, 100, "chat")
+    with arb.workload(chat):
+        pass
+    chat.release()
+    ref = weakref.ref(arb)
+    del arb, chat
+    gc.collect()
+    assert ref() is None  # the limit listener does not keep arbiters alive
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

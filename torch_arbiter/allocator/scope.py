@@ -165,14 +165,15 @@ class _LimitSync:
         self.device, self.cuda = _device_index(arbiter)
         self.ledger = Ledger(self.device)
         self._lock = threading.Lock()
-        self._tracked: dict[int, "Allocation"] = {}
+        # Weak: an Allocation refers to its arbiter, which must stay collectable.
+        self._tracked: "dict[int, weakref.ref[Allocation]]" = {}
         self._pools: dict[int, Any] = {}
         arbiter.add_listener(self)
 
     def track(self, allocation: "Allocation") -> int:
         key = workload_key(allocation.id)
         with self._lock:
-            self._tracked[key] = allocation
+            self._tracked[key] = weakref.ref(allocation)
         self.ledger.set_limit(key, int(allocation.granted_bytes))
         return key
 
@@ -194,10 +195,10 @@ class _LimitSync:
     def __call__(self, changes: "list[QualityChange]") -> None:
         changed = {workload_key(c.allocation.id): c.new_bytes for c in changes}
         with self._lock:  # every allocation the arbiter moves gets a limit, scoped yet or not
-            self._tracked.update((workload_key(c.allocation.id), c.allocation) for c in changes)
-            tracked = list(self._tracked.items())
+            self._tracked.update((workload_key(c.allocation.id), weakref.ref(c.allocation)) for c in changes)
+            tracked = [(key, ref()) for key, ref in self._tracked.items()]
         for key, allocation in tracked:
-            if allocation.released:
+            if allocation is None or allocation.released:
                 self._forget(key)
             else:
                 self.ledger.set_limit(key, int(changed.get(key, allocation.granted_bytes)))
@@ -212,7 +213,7 @@ class _LimitSync:
 
     def forget_released(self) -> None:
         with self._lock:
-            released = [key for key, allocation in self._tracked.items() if allocation.released]
+            released = [key for key, ref in self._tracked.items() if ref() is None or ref().released]
         for key in released:
             self._forget(key)
 
