@@ -64,10 +64,6 @@ class TierStore(abc.ABC):
         """Every key of the read-only source."""
         return ()
 
-    def source_nbytes(self, key: str) -> int:
-        """Byte size of a source fragment (tiers without a source hold none)."""
-        raise KeyError(key)
-
     def existing_copies(self) -> dict[str, int]:
         """Writable copies already present when the cache opens (key → bytes): a reused spill dir."""
         return {}

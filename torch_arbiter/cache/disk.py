@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CorruptFragmentError
+from ..holo.format import HoloCheckpoint
 from .base import TierStore, tensor_nbytes
 from .config import CacheTier
 
@@ -53,14 +54,11 @@ class DiskTier(TierStore):
     tier = CacheTier.DISK
 
     def __init__(self, spill_dir: str | os.PathLike | None = None, holo_dir: str | os.PathLike | None = None) -> None:
+        # open the checkpoint first: if it is invalid, no temporary directory is left behind
+        self.checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
         self._owns_spill_dir = spill_dir is None
         self.spill_dir = Path(tempfile.mkdtemp(prefix="torch-arbiter-spill-")) if spill_dir is None else Path(spill_dir)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint = None
-        if holo_dir is not None:
-            from ..holo.format import HoloCheckpoint
-
-            self.checkpoint = HoloCheckpoint.open(holo_dir)
         self._source_ids = frozenset(self.checkpoint.fragment_ids()) if self.checkpoint is not None else frozenset()
 
     def _spill_path(self, key: str) -> Path:
@@ -99,11 +97,6 @@ class DiskTier(TierStore):
 
     def source_keys(self) -> Iterable[str]:
         return self._source_ids
-
-    def source_nbytes(self, key: str) -> int:
-        if key not in self._source_ids:
-            raise KeyError(key)
-        return int(self.checkpoint.fragment_entry(key)["length"])
 
     def existing_copies(self) -> dict[str, int]:
         """Fragments spilled here before (key → bytes); unreadable files are left alone."""

@@ -63,8 +63,8 @@ class FragmentCache:
 
     Limits: one lock guards the cache's state and its writable copies (memory, spill files);
     reads from the read-only sources (holo checkpoint, HTTP) happen outside it, so a slow fetch
-    does not hold up other calls and ``get_many`` overlaps fetches. Tensors handed to ``put`` or returned by ``get`` may share storage
-    with the cache's copies: do not modify them in place.
+    does not hold up other calls and ``get_many`` overlaps fetches. Tensors handed to ``put`` or
+    returned by ``get`` may share storage with the cache's copies: do not modify them in place.
     """
 
     def __init__(self, config: CacheConfig | None = None) -> None:
@@ -86,7 +86,6 @@ class FragmentCache:
         # writable copies per tier, least recently used first, with their byte sizes; and their sum
         self._lru: dict[CacheTier, OrderedDict[str, int]] = {tier: OrderedDict() for tier in CacheTier}
         self._used = dict.fromkeys(CacheTier, 0)
-        self._versions: dict[str, int] = {}  # bumped by put(): a read done without the lock is stale
         for key, nbytes in self._stores[CacheTier.DISK].existing_copies().items():
             self._lru[CacheTier.DISK][key] = nbytes
             self._used[CacheTier.DISK] += nbytes
@@ -108,7 +107,7 @@ class FragmentCache:
 
         Raises:
             InvalidRequestError: bad key, not a tensor, REMOTE, or a key that a read-only source
-                holds with a different byte size (it would no longer be the same fragment).
+                holds (its bytes are defined by that source: ``get`` it instead).
             InsufficientMemoryError: the tensor is larger than the tier's capacity, or the tier
                 is full of copies that cannot move down.
         """
@@ -118,18 +117,15 @@ class FragmentCache:
             raise InvalidRequestError(f"put({key!r}) needs a torch.Tensor, got {type(tensor).__name__}")
         if not self._writable(tier):
             raise InvalidRequestError(f"the {tier.name} tier is read-only; put fragments at DEVICE, HOST or DISK")
-        nbytes = tensor_nbytes(tensor)
         with self._lock:
             self._check_open()
-            for source_tier in self._source_tiers(key):
-                source_bytes = self._stores[source_tier].source_nbytes(key)
-                if source_bytes != nbytes:
-                    raise InvalidRequestError(
-                        f"fragment {key!r} is {source_bytes} bytes in the read-only {source_tier.name} source "
-                        f"but the tensor put is {nbytes} bytes; use another key for different data"
-                    )
+            sources = self._source_tiers(key)
+            if sources:
+                raise InvalidRequestError(
+                    f"fragment {key!r} comes from the read-only {sources[0].name} source, which defines its bytes; "
+                    "get() it to have it at a tier, or use another key for different data"
+                )
             self._store(key, tensor, tier)
-            self._versions[key] = self._versions.get(key, 0) + 1
             for other in list(self._writable_tiers(key)):
                 if other is not tier:
                     self._drop(key, other)
@@ -156,22 +152,18 @@ class FragmentCache:
         """
         tier = self._check_tier(tier)
         self._check_key(key)
-        while True:
-            with self._lock:
-                self._check_open()
-                source = self._find(key, tier)
-                if key in self._lru[source]:  # a writable copy may move: read it under the lock
-                    return self._finish_get(key, tier, source, self._stores[source].read(key))
-                version = self._versions.get(key, 0)
-                store = self._stores[source]
-            # read-only sources never change, so they are read without the lock: fetches of
-            # different fragments (``get_many``) overlap, and other calls are not held up
-            tensor = store.read_source(key)
-            with self._lock:
-                self._check_open()
-                if self._versions.get(key, 0) == version:
-                    return self._finish_get(key, tier, source, tensor)
-            # a put() replaced the fragment while it was being read: look it up again
+        with self._lock:
+            self._check_open()
+            source = self._find(key, tier)
+            if key in self._lru[source]:  # a writable copy may move: read it under the lock
+                return self._finish_get(key, tier, source, self._stores[source].read(key))
+            store = self._stores[source]
+        # read-only sources never change (put() refuses their keys), so they are read without the
+        # lock: fetches of different fragments (``get_many``) overlap, other calls are not held up
+        tensor = store.read_source(key)
+        with self._lock:
+            self._check_open()
+            return self._finish_get(key, tier, source, tensor)
 
     def get_many(
         self, keys: Iterable[str], tier: CacheTier = CacheTier.DEVICE, *, max_workers: int = 8

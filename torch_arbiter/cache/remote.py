@@ -84,9 +84,6 @@ class RemoteTier(TierStore):
     def source_keys(self) -> Iterable[str]:
         return self._entries.keys()
 
-    def source_nbytes(self, key: str) -> int:
-        return int(self._entries[key]["length"])
-
     def _fetch(self, url: str, *, what: str) -> bytes:
         """GET a whole (small) resource, turning every network failure into a typed error."""
         try:
