@@ -13,6 +13,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
@@ -301,3 +303,76 @@ def test_a_slow_fetch_does_not_block_other_calls(holo_dir, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def module_server(holo_dir):
+    server, url = _serve(holo_dir)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+_LOCAL_SIZES = {"local0": 64, "local1": 1024, "local2": 4096}  # float32 elements
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    operations=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "get", "demote", "evict"]),
+            st.integers(0, 13),  # 11 checkpoint fragments, then the 3 local keys
+            st.sampled_from([DEVICE, HOST, DISK]),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    source_over_http=st.booleans(),
+)
+def test_property_nothing_is_lost_with_checkpoint_sources(
+    holo_dir, module_server, tmp_path_factory, operations, source_over_http
+):
+    """The never-lost invariant with a holo checkpoint as the DISK source or over HTTP as the
+    REMOTE source, tiny tiers (the 48 KiB fragment fits none but DISK), a bounded spill and
+    staging: every checkpoint fragment and every local fragment put stays readable, with the
+    checkpoint's bytes or the bytes put, from every tier that claims it."""
+    checkpoint = HoloCheckpoint.open(holo_dir)
+    fids = checkpoint.fragment_ids()
+    keys = [*fids, *_LOCAL_SIZES]
+    capacities = {DEVICE: 20_000, HOST: 30_000, DISK: 24_000}
+    config = CacheConfig(
+        device="cpu",
+        device_capacity_bytes=capacities[DEVICE],
+        host_capacity_bytes=capacities[HOST],
+        disk_capacity_bytes=capacities[DISK],
+        spill_dir=tmp_path_factory.mktemp("spill"),
+        holo_dir=None if source_over_http else holo_dir,
+        remote_url=module_server if source_over_http else None,
+    )
+    expected = {fid: checkpoint.read_fragment(fid) for fid in fids}
+    with FragmentCache(config) as cache:
+        for step, (operation, key_index, tier) in enumerate(operations):
+            key = keys[key_index]
+            try:
+                if operation == "put":
+                    if key in fids:
+                        continue
+                    tensor = torch.full((_LOCAL_SIZES[key],), float(step))
+                    cache.put(key, tensor, tier)
+                    expected[key] = tensor
+                elif key not in expected:
+                    continue
+                elif operation == "get":
+                    assert _same(cache.get(key, tier), expected[key])
+                elif operation == "demote":
+                    cache.demote(key, tier)
+                else:
+                    cache.evict(key, tier)
+            except InsufficientMemoryError:
+                pass
+            for held_key, tensor in expected.items():
+                tiers = cache.tiers_of(held_key)
+                assert tiers, f"{held_key} was lost after {operation} {key} {tier.name}"
+                assert all(_same(cache._stores[t].read(held_key), tensor) for t in tiers)
+            for bounded_tier, capacity in capacities.items():
+                assert cache.resident_bytes(bounded_tier) <= capacity
