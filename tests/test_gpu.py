@@ -130,6 +130,11 @@ def test_rocm_smi_rocm5_spelling_after_a_warning_line():
     assert gpu.compute_capability is None
 
 
+def test_rocm_smi_text_after_the_document_is_ignored():
+    text = _fixture("rocm_smi_mi250x_rocm6.json").strip() + "\n=============== End of ROCm SMI Log ===============\n"
+    assert len(parse_rocm_smi_json(text)) == 2
+
+
 def test_rocm_smi_system_entry_gives_the_driver():
     text = '{"card3": {"VRAM Total Memory (B)": "17163091968"}, "system": {"Driver version": "6.3.6"}}'
     (gpu,) = parse_rocm_smi_json(text)

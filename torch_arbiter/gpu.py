@@ -312,7 +312,7 @@ def parse_rocm_smi_json(text: str) -> list[GpuInfo]:
     ``"VRAM Total Used Memory (B)"``, ``"Card series"``, ``"GFX Version"``, ...); ROCm 6 spells
     some keys with capitals (``"Card Series"``), so keys are matched without case. A
     ``"system"`` entry (driver version) is read when present. rocm-smi sometimes prints warnings
-    before the JSON; they are skipped.
+    before the JSON and log lines after it; both are skipped.
 
     Args:
         text: the command's stdout.
@@ -326,8 +326,8 @@ def parse_rocm_smi_json(text: str) -> list[GpuInfo]:
     start = text.find("{")
     if start < 0:
         raise DetectionFailed("rocm-smi printed no JSON object")
-    try:
-        document = json.loads(text[start:])
+    try:  # raw_decode: tolerate rocm-smi's log lines after the document too
+        document, _ = json.JSONDecoder().raw_decode(text, start)
     except json.JSONDecodeError as exc:
         raise DetectionFailed(f"rocm-smi JSON is malformed: {exc}") from None
     if not isinstance(document, dict):
