@@ -80,7 +80,7 @@ def _iter_safetensors(path: Path, prefix: str = "") -> Iterator[tuple[str, torch
 
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
-    if not files and any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+    if not files and any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
         raise InvalidRequestError(
             f"{folder} holds only pickle weights (.bin/.pt); torch_arbiter never unpickles. Re-save the "
             "model with safetensors (model.save_pretrained(dir, safe_serialization=True)) first")
