@@ -104,12 +104,24 @@ def test_unrecoverable_oom_names_who_holds_what(arbiter, ledger):  # noqa: F811
         held.free()
 
 
-def test_recovery_arguments_and_other_errors(arbiter):
+def test_recovery_arguments_and_other_errors(arbiter, ledger):  # noqa: F811
     image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 100, "image")
     with pytest.raises(InvalidRequestError):
         ta_alloc.run_with_recovery(arbiter, image, lambda: None, retries=-1)
     with pytest.raises(WorkloadOutOfMemoryError, match="after 0 recoveries"):
         ta_alloc.run_with_recovery(arbiter, image, lambda: ta_alloc.HostBlock(image.granted_bytes + 1), retries=0)
+
+    key = ta_alloc.workload_key(image.id)
+    with arbiter.workload(image):
+        ledger.set_limit(key, None)  # within budget, the backend itself fails: worth a retry
+        with pytest.raises(torch.OutOfMemoryError):
+            ta_alloc.HostBlock(1 << 62)
+    assert ta_alloc.last_refusal().reason == "backend"
+    assert ta_alloc.recover_from_oom(arbiter, image)
+    ta_alloc.clear_refusal()
+    assert not ta_alloc.recover_from_oom(arbiter, image)  # not a refusal of the library
+    with pytest.raises(InvalidRequestError):
+        ta_alloc.recover_from_oom(arbiter, image, headroom=0.5)
 
     def broken() -> None:
         raise KeyError("not a memory problem")

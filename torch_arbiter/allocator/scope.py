@@ -321,17 +321,23 @@ def recover_from_oom(
             allocations and only the first refused one is known, so later retries ask for more.
 
     Returns:
-        True when memory was granted (retrying makes sense), False when the arbiter could not
-        reclaim without breaking a floor, or the refusal did not come from this workload's limit.
+        True when retrying makes sense: memory was granted, or the refusal came from the device
+        itself (caches emptied). False when the arbiter could not reclaim without breaking a
+        floor, or the error did not come from this workload's allocations in the library.
     """
+    if not headroom >= 1.0:
+        raise InvalidRequestError(f"headroom must be >= 1, got {headroom!r}")
     refusal = last_refusal()
     key = workload_key(allocation.id)
     sync = _sync_for(arbiter)
-    if refusal is None or refusal.key != key or refusal.reason != "limit":
+    if refusal is None or refusal.key != key or refusal.reason not in ("limit", "backend"):
         _empty_caches(sync)
         return False
-    if not headroom >= 1.0:
-        raise InvalidRequestError(f"headroom must be >= 1, got {headroom!r}")
+    if refusal.reason == "backend":
+        # Within budget, but the device itself had no room: workloads lowered a moment ago free
+        # their fragments at their next safe point, and cached segments can go back now.
+        _empty_caches(sync)
+        return True
     needed = max(1, math.ceil((refusal.used + refusal.requested - (refusal.limit or 0)) * headroom))
     _log.info("workload %s refused %d bytes (%s); reclaiming %d", allocation.name, refusal.requested, error, needed)
     granted = arbiter.reclaim(allocation, needed)
