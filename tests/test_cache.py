@@ -9,8 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache, UnknownFragmentError
-from torch_arbiter.errors import ArbiterError, CorruptFragmentError, InsufficientMemoryError, InvalidRequestError
+from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
+from torch_arbiter.errors import (
+    ArbiterError,
+    CorruptFragmentError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    UnknownFragmentError,
+)
 
 DEVICE, HOST, DISK, REMOTE = CacheTier.DEVICE, CacheTier.HOST, CacheTier.DISK, CacheTier.REMOTE
 

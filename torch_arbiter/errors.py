@@ -21,6 +21,7 @@ __all__ = [
     "AllocatorError",
     "WorkloadOutOfMemoryError",
     "ModelNotAvailableError",
+    "UnknownFragmentError",
 ]
 
 
@@ -73,3 +74,10 @@ class WorkloadOutOfMemoryError(ArbiterError):
 
 class ModelNotAvailableError(ArbiterError):
     """A model or file the project loads locally is not installed (the message names the pip command)."""
+
+
+class UnknownFragmentError(InvalidRequestError, KeyError):
+    """A fragment key that no tier of the ``FragmentCache`` holds (never put, not in its sources)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

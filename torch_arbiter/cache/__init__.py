@@ -9,7 +9,7 @@ directory) and ``remote`` (a holo checkpoint over HTTP).
 from .config import CacheConfig, CacheStats, CacheTier
 from .device import DeviceTier
 from .disk import DiskTier
-from .fragment_cache import FragmentCache, UnknownFragmentError
+from .fragment_cache import FragmentCache
 from .host import HostTier
 from .remote import RemoteTier
 
@@ -18,7 +18,6 @@ __all__ = [
     "CacheConfig",
     "CacheStats",
     "CacheTier",
-    "UnknownFragmentError",
     "DeviceTier",
     "HostTier",
     "DiskTier",

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..errors import InsufficientMemoryError, InvalidRequestError
+from ..errors import InsufficientMemoryError, InvalidRequestError, UnknownFragmentError
 from .base import TierStore, tensor_nbytes
 from .config import CacheConfig, CacheStats, CacheTier
 from .device import DeviceTier
@@ -23,7 +23,7 @@ from .disk import DiskTier
 from .host import HostTier
 from .remote import RemoteTier
 
-__all__ = ["FragmentCache", "UnknownFragmentError"]
+__all__ = ["FragmentCache"]
 
 
 # where get(key, tier) looks: the tier itself, then each lower tier, then the tiers above (nearest first)
@@ -31,13 +31,6 @@ _SEARCH_ORDER = {
     tier: (*(CacheTier(t) for t in range(tier, len(CacheTier))), *(CacheTier(t) for t in range(tier - 1, -1, -1)))
     for tier in CacheTier
 }
-
-
-class UnknownFragmentError(InvalidRequestError, KeyError):
-    """A fragment key that no tier of the cache holds."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 class FragmentCache:
