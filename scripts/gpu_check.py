@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return llm_forward(llm, device, big).shape
 
     try:
-        shape = ta_alloc.run_with_recovery(arbiter, llm_alloc, big_step, retries=3)
+        shape = ta_alloc.run_with_recovery(arbiter, llm_alloc, big_step, retries=6)
         print(f"  recovered by run_with_recovery after {len(attempts)} attempts: logits {tuple(shape)}")
     except WorkloadOutOfMemoryError as exc:
         print(f"  NOT recovered: {exc}")

@@ -88,6 +88,29 @@ def test_oom_is_recovered_by_reclaiming_from_lower_priorities(arbiter, ledger): 
     assert ledger.usage(ta_alloc.workload_key(chat.id)).limit == chat.granted_bytes
 
 
+def test_successive_refusals_in_one_call_are_each_recovered(arbiter, ledger):  # noqa: F811
+    chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 800, "chat")
+    image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 100, "image")
+    first = image.granted_bytes + 40 * MIB
+    asked: list[int] = []
+    attempts: list[int] = []
+
+    def two_blocks() -> None:
+        attempts.append(1)
+        with ta_alloc.HostBlock(first):
+            if not asked:  # what is still reclaimable once the first block fits
+                floor = int(chat.min_quality * chat.full_bytes) + chat.activation_bytes
+                free = arbiter.state().capacity_bytes - sum(a.granted_bytes for a in arbiter.allocations())
+                asked.append(int(0.7 * (chat.granted_bytes - floor + free)))
+            with ta_alloc.HostBlock(asked[0]):  # refused again: the retry asks twice the shortfall
+                pass
+
+    ta_alloc.run_with_recovery(arbiter, image, two_blocks, retries=3)
+    assert len(attempts) == 3  # refused on the first block, then on the second, then through
+    assert image.granted_bytes >= first + asked[0]
+    assert ledger.usage(ta_alloc.workload_key(image.id)).limit == image.granted_bytes
+
+
 def test_unrecoverable_oom_names_who_holds_what(arbiter, ledger):  # noqa: F811
     chat = _request(arbiter, WorkloadType.LLM_INFERENCE, Priority.LOW, 400, "chat")
     image = _request(arbiter, WorkloadType.IMAGE_GENERATION, Priority.HIGH, 300, "image")

@@ -318,7 +318,8 @@ def recover_from_oom(
         allocation: the workload that ran out.
         error: the caught error (only logged).
         headroom: ask for this multiple (>= 1) of the shortfall: a forward makes many
-            allocations and only the first refused one is known, so later retries ask for more.
+            allocations and only the first refused one is known, so later retries ask for more
+            (falling back to the bare shortfall when the multiple cannot be reclaimed).
 
     Returns:
         True when retrying makes sense: memory was granted, or the refusal came from the device
@@ -338,9 +339,10 @@ def recover_from_oom(
         # their fragments at their next safe point, and cached segments can go back now.
         _empty_caches(sync)
         return True
-    needed = max(1, math.ceil((refusal.used + refusal.requested - (refusal.limit or 0)) * headroom))
+    shortfall = max(1, refusal.used + refusal.requested - (refusal.limit or 0))
+    needed = math.ceil(shortfall * headroom)
     _log.info("workload %s refused %d bytes (%s); reclaiming %d", allocation.name, refusal.requested, error, needed)
-    granted = arbiter.reclaim(allocation, needed)
+    granted = arbiter.reclaim(allocation, needed) or (needed > shortfall and arbiter.reclaim(allocation, shortfall))
     sync.sync(allocation)
     _empty_caches(sync)
     return granted
