@@ -4,6 +4,7 @@ and out-of-memory recovery through the host backend (the same library calls as o
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 
 import pytest
@@ -163,6 +164,26 @@ def test_scoped_arbiter_stays_collectable(ledger):  # noqa: F811
     del arb, chat
     gc.collect()
     assert ref() is None  # the limit listener does not keep arbiters alive
+
+
+def test_cpu_scope_without_a_usable_ledger_still_selects_the_workload(caplog):
+    ta_alloc.detach_ledgers()
+    prefix = f"ta_test_noledger_{os.getpid()}"
+    ta_alloc.set_ledger_prefix(prefix)
+    path = f"/dev/shm/{prefix}.u{os.geteuid()}.d0"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.fchmod(fd, 0o644)  # a segment the library refuses to use
+    os.close(fd)
+    arb = Arbiter(ArbiterConfig.for_vram_gb(1))
+    try:
+        chat = _request(arb, WorkloadType.LLM_INFERENCE, Priority.LOW, 100, "chat")
+        with arb.workload(chat):
+            assert ta_alloc.thread_workload() == ta_alloc.workload_key(chat.id)
+        assert "no allocator ledger" in caplog.text
+    finally:
+        arb.close()
+        os.unlink(path)
+        ta_alloc.detach_ledgers()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -158,12 +158,19 @@ class _LimitSync:
     Tracks the allocations that entered a scope or moved in a rebalance since this was made.
 
     Registered once per arbiter as a listener. It also owns the allocations' memory pools
-    (pool mode), dropped when their allocation is released.
+    (pool mode), dropped when their allocation is released. On CPU a ledger that cannot be
+    attached (no writable /dev/shm) only costs the limits: scopes still select the workload.
     """
 
     def __init__(self, arbiter: "Arbiter") -> None:
         self.device, self.cuda = _device_index(arbiter)
-        self.ledger = Ledger(self.device)
+        self.ledger: Ledger | None = None
+        try:
+            self.ledger = Ledger(self.device)
+        except AllocatorError as exc:
+            if self.cuda:
+                raise
+            _log.warning("torch_arbiter: no allocator ledger (%s); CPU scopes keep no per-allocation limit", exc)
         self._lock = threading.Lock()
         # Weak: an Allocation refers to its arbiter, which must stay collectable.
         self._tracked: "dict[int, weakref.ref[Allocation]]" = {}
@@ -174,11 +181,15 @@ class _LimitSync:
         key = workload_key(allocation.id)
         with self._lock:
             self._tracked[key] = weakref.ref(allocation)
-        self.ledger.set_limit(key, int(allocation.granted_bytes))
+        self._set_limit(key, int(allocation.granted_bytes))
         return key
 
     def sync(self, allocation: "Allocation") -> None:
-        self.ledger.set_limit(workload_key(allocation.id), int(allocation.granted_bytes))
+        self._set_limit(workload_key(allocation.id), int(allocation.granted_bytes))
+
+    def _set_limit(self, key: int, limit: int) -> None:
+        if self.ledger is not None:
+            self.ledger.set_limit(key, limit)
 
     def pool(self, key: int) -> Any:
         import torch
@@ -201,12 +212,14 @@ class _LimitSync:
             if allocation is None or allocation.released:
                 self._forget(key)
             else:
-                self.ledger.set_limit(key, int(changed.get(key, allocation.granted_bytes)))
+                self._set_limit(key, int(changed.get(key, allocation.granted_bytes)))
 
     def _forget(self, key: int) -> None:
         with self._lock:
             self._tracked.pop(key, None)
             self._pools.pop(key, None)
+        if self.ledger is None:
+            return
         self.ledger.set_limit(key, 0)
         with contextlib.suppress(AllocatorError):  # still charged: stays at limit 0 until freed
             self.ledger.remove(key)
@@ -348,7 +361,9 @@ def recover_from_oom(
     return granted
 
 
-def _holders(ledger: Ledger, names: dict[int, str]) -> str:
+def _holders(ledger: Ledger | None, names: dict[int, str]) -> str:
+    if ledger is None:
+        return "unknown (no ledger)"
     lines = []
     for usage in sorted(ledger.workloads(), key=lambda u: -u.used):
         if usage.used == 0:
@@ -407,7 +422,7 @@ def _budget_error(
     sync = _sync_for(arbiter)
     key = workload_key(allocation.id)
     names = {workload_key(a.id): f"{a.name or 'workload'} (allocation {a.id})" for a in arbiter.allocations()}
-    mine = sync.ledger.usage(key)
+    mine = sync.ledger.usage(key) if sync.ledger is not None else None
     detail = (
         f"{refusal.requested} bytes refused with {refusal.used} of {refusal.limit} in use"
         if refusal is not None and refusal.key == key
