@@ -54,6 +54,7 @@ __all__ = [
     "FragmentSpec",
     "hadamard_matrix",
     "rotate_input",
+    "unrotate",
     "unpack_nibbles",
     "pack_nibbles",
     "dequantize_rotated",
@@ -110,7 +111,7 @@ def rotate_input(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tens
 
     The same function rotates a weight (rows are output channels) at encode time and a layer's
     input activations at forward time; it is its own inverse up to the sign flip (see
-    :func:`_unrotate`).
+    :func:`unrotate`).
 
     Args:
         x: ``[..., Kp]`` tensor, float.
@@ -128,7 +129,8 @@ def rotate_input(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tens
     return (flipped.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
 
 
-def _unrotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of :func:`rotate_input`: ``(x · H) ⊙ s`` blockwise (``H`` is its own inverse)."""
     if block > 1:
         h = hadamard_matrix(block, x.device, x.dtype)
         shape = x.shape
@@ -357,7 +359,7 @@ class HoloTensor:
             return self.fragment("exact").to(device=device, dtype=dtype, copy=True)
         frags = {name: self.fragment(name).to(device) for name in self.level_fragments(k)}
         matrix = dequantize_rotated(frags, self.meta, k, torch.float32)
-        matrix = _unrotate(matrix, frags["signs"], self.meta["block"])[:, : self.meta["in_features"]]
+        matrix = unrotate(matrix, frags["signs"], self.meta["block"])[:, : self.meta["in_features"]]
         if self.rank:
             matrix = matrix + frags["rank_l"].float() @ frags["rank_r"].float()
         return matrix.reshape(self.shape).to(dtype)
@@ -444,9 +446,15 @@ def dequantize_codes(hi: torch.Tensor, lo: torch.Tensor | None, scales: torch.Te
     scales = scales.to(dtype)
     scale = scales[..., 0].t().unsqueeze(-1)
     zero = scales[..., 1].t().unsqueeze(-1)
-    values = (hi.view(out, -1, group_size).to(dtype) - 8) * scale + zero
+    # Folded into one multiply-add per pass: (hi - 8)·s + z = hi·s + (z - 8s), (lo - 7.5)·s/16 likewise.
+    offset = zero - 8 * scale
     if lo is not None:
-        values = values + (lo.view(out, -1, group_size).to(dtype) - 7.5) * (scale / 16)
+        fine = scale / 16
+        offset = offset - 7.5 * fine
+        values = torch.addcmul(offset, lo.view(out, -1, group_size).to(dtype), fine)
+        values.addcmul_(hi.view(out, -1, group_size).to(dtype), scale)
+    else:
+        values = torch.addcmul(offset, hi.view(out, -1, group_size).to(dtype), scale)
     return values.reshape(out, -1)
 
 

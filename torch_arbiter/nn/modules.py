@@ -11,12 +11,12 @@ How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
   module does (on the CPU the resident weight *is* the HoloTensor's exact fragment, no copy).
 - quantised levels of ``HoloLinear`` on the CPU, when torch has the int4 weight-only kernel and
   the shape fits it: the nibbles are held in the kernel's packed layout (same bytes as the
-  fragments). Inputs of at most :attr:`HoloLinear.kernel_max_rows` rows (decode-style) are rotated
-  (``(x ⊙ s)·H``, the weight stays rotated) and go through
-  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16; the 8-bit level is one call over
-  ``[x, x]`` against ``[hi | lo]`` codes with the ``lo`` scales (``scale/16``) built on the fly.
-  Larger inputs (prefill) decode a transient dense rotated weight and use ``F.linear``: torch's
-  CPU int4 kernel is slow for many rows.
+  fragments). The input is rotated (``(x ⊙ s)·H``, the weight stays rotated) and goes through
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16 activations (the kernel's fast path on
+  these CPUs; the fp32 path is ~25x slower); the 8-bit level is one call over ``[x, x]`` against
+  ``[hi | lo]`` codes with the ``lo`` scales (``scale/16``) built on the fly. A decode-then-matmul
+  path (dense or tiled per cache-sized chunk) measured slower than the kernel at every batch
+  size tried (1 to 128 rows), so prefill uses the kernel too.
 - everything else (CUDA, convs, odd shapes): decode-then-compute from the fragments, the transient
   dense weight freed after the call.
 - the optional fp16 low-rank branch adds ``(x·Rᵀ)·Lᵀ``.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import HoloTensor, _unrotate, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles
+from ..holo.codec import HoloTensor, unrotate, dequantize_rotated, rotate_input, unpack_nibbles
 
 __all__ = ["HoloLinear", "HoloConv2d", "int4_kernel_block"]
 
@@ -148,7 +148,7 @@ class _HoloModule(nn.Module):
         """Transient dense weight in the original shape at the current quantised level."""
         meta = self.holo.meta
         matrix = dequantize_rotated(self._resident, meta, self._level, dtype)
-        matrix = _unrotate(matrix, self._resident["signs"], meta["block"])[:, : meta["in_features"]]
+        matrix = unrotate(matrix, self._resident["signs"], meta["block"])[:, : meta["in_features"]]
         if self.holo.rank:
             matrix = matrix + self._resident["rank_l"].to(dtype) @ self._resident["rank_r"].to(dtype)
         return matrix.reshape(self.holo.shape)
@@ -168,9 +168,6 @@ class HoloLinear(_HoloModule):
     Build with :meth:`from_linear`. ``forward`` matches ``nn.Linear`` (bit for bit at the top level).
     """
 
-    #: Inputs with at most this many rows use the int4 kernel on the CPU; more rows decode a
-    #: transient dense weight (measured crossover, see bench/results/nn_forward.md).
-    kernel_max_rows: int = 4
 
     def __init__(self, holo: HoloTensor, bias: torch.Tensor | None = None, *,
                  weight_requires_grad: bool = True, level: int | None = None):
@@ -231,28 +228,19 @@ class HoloLinear(_HoloModule):
         resident["kernel_codes"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
         return resident
 
-    def _dense_rotated(self, dtype: torch.dtype) -> torch.Tensor:
-        meta = self.holo.meta
-        if "kernel_codes" not in self._resident:
-            return dequantize_rotated(self._resident, meta, self._level, dtype)
-        codes = _kernel_unpack(self._resident["kernel_codes"], int4_kernel_block(), self.out_features)
-        padded = meta["padded_features"]
-        lo = codes[:, padded:] if self._level >= 2 else None
-        return dequantize_codes(codes[:, :padded], lo, self._resident["scales"], meta["group_size"], dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_level.T + bias`` over the last dimension of ``x``."""
         if self._level == self.num_levels:
             return F.linear(x, _as(self._resident["weight"], x.dtype), _as(self.bias, x.dtype))
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if "kernel_codes" in self._resident and rows <= self.kernel_max_rows:
+        if "kernel_codes" in self._resident:
             return self._kernel_forward(x)
         # Decode path: rotate the input rather than un-rotate the weight (fewer flops per call).
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
         rotated = rotate_input(F.pad(flat, (0, meta["padded_features"] - self.in_features)),
                                self._resident["signs"], meta["block"])
-        out = self._add_rank_and_bias(F.linear(rotated, self._dense_rotated(x.dtype)), flat)
+        out = F.linear(rotated, dequantize_rotated(self._resident, meta, self._level, x.dtype))
+        out = self._add_rank_and_bias(out, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
