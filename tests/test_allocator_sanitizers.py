@@ -32,6 +32,7 @@ _THREADS = _COMMON + """
 static void *worker(void *arg) {
     uint64_t key = (uint64_t)(uintptr_t)arg;
     torch_arbiter_set_thread_workload(key);
+    if (key == 5) torch_arbiter_ledger_set_limit(0, 5, 300000); /* threads race to attach */
     ta_exercise_result r;
     if (torch_arbiter_exercise(7, 0, 30000, 8, 1, 65536, key + 1, &r) != 0 || r.violations) abort();
     return NULL;
@@ -40,7 +41,6 @@ int main(int argc, char **argv) {
     (void)argc;
     torch_arbiter_set_backend(TA_BACKEND_HOST);
     torch_arbiter_ledger_set_prefix(argv[1]);
-    torch_arbiter_ledger_set_limit(0, 5, 300000);
     pthread_t t[3];
     uintptr_t keys[3] = {5, 5, 6};
     for (int i = 0; i < 3; i++) pthread_create(&t[i], NULL, worker, (void *)keys[i]);

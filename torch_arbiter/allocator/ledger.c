@@ -85,7 +85,7 @@ _Static_assert(sizeof(ledger_slot) == 64, "one slot per cache line");
 
 struct ta_ledger {
     ledger_shm *shm;
-    int proc; /* this process's entry, -1 until registered */
+    _Atomic int proc; /* this process's entry, -1 until registered (read without the lock) */
     int device;
     _Atomic int64_t last_reap_ns;
     char name[NAME_MAX_LEN];
@@ -333,7 +333,7 @@ static int register_process(ta_ledger *ledger) {
                      ledger->name, TA_LEDGER_PROCS);
         return -1;
     }
-    ledger->proc = found;
+    atomic_store_explicit(&ledger->proc, found, memory_order_release);
     return 0;
 }
 
@@ -343,7 +343,7 @@ ta_ledger *ta_ledger_get(int device) {
         return NULL;
     }
     ta_ledger *ledger = atomic_load_explicit(&g_ledgers[device], memory_order_acquire);
-    if (ledger && ledger->proc >= 0) return ledger;
+    if (ledger && atomic_load_explicit(&ledger->proc, memory_order_acquire) >= 0) return ledger;
     pthread_mutex_lock(&g_attach_lock);
     ledger = atomic_load(&g_ledgers[device]);
     if (!ledger) {
@@ -354,7 +354,7 @@ ta_ledger *ta_ledger_get(int device) {
             return NULL;
         }
         ledger->device = device;
-        ledger->proc = -1;
+        atomic_store(&ledger->proc, -1);
         segment_name(device, ledger->name, sizeof ledger->name);
         ledger->shm = map_segment(ledger->name);
         if (!ledger->shm) {
@@ -364,7 +364,7 @@ ta_ledger *ta_ledger_get(int device) {
         }
         atomic_store_explicit(&g_ledgers[device], ledger, memory_order_release);
     }
-    int rc = ledger->proc >= 0 ? 0 : register_process(ledger);
+    int rc = atomic_load(&ledger->proc) >= 0 ? 0 : register_process(ledger);
     pthread_mutex_unlock(&g_attach_lock);
     return rc == 0 ? ledger : NULL;
 }
@@ -429,7 +429,8 @@ int ta_ledger_charge(ta_ledger *ledger, int slot_index, uint64_t key, uint64_t n
         next = used + n;
     } while (!atomic_compare_exchange_weak_explicit(&slot->used, &used, next,
                                                     memory_order_acq_rel, memory_order_relaxed));
-    atomic_fetch_add_explicit(&shm->procs[ledger->proc].bytes[slot_index].value, n,
+    int proc = atomic_load_explicit(&ledger->proc, memory_order_relaxed);
+    atomic_fetch_add_explicit(&shm->procs[proc].bytes[slot_index].value, n,
                               memory_order_acq_rel);
     if (atomic_load_explicit(&slot->key, memory_order_acquire) != key ||
         atomic_load_explicit(&slot->state, memory_order_acquire) != SLOT_ACTIVE) {
@@ -447,7 +448,8 @@ int ta_ledger_charge(ta_ledger *ledger, int slot_index, uint64_t key, uint64_t n
 
 void ta_ledger_uncharge(ta_ledger *ledger, int slot_index, uint64_t n) {
     ledger_shm *shm = ledger->shm;
-    atomic_fetch_sub_explicit(&shm->procs[ledger->proc].bytes[slot_index].value, n,
+    int proc = atomic_load_explicit(&ledger->proc, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&shm->procs[proc].bytes[slot_index].value, n,
                               memory_order_acq_rel);
     atomic_fetch_sub_explicit(&shm->slots[slot_index].used, n, memory_order_acq_rel);
 }
@@ -482,8 +484,9 @@ int ta_ledger_detach_all(void) {
     for (int d = 0; d < TA_MAX_DEVICES; d++) {
         ta_ledger *ledger = atomic_exchange(&g_ledgers[d], NULL);
         if (!ledger) continue;
-        if (ledger->proc >= 0 && shm_lock(ledger->shm) == 0) {
-            reap_entry(ledger->shm, &ledger->shm->procs[ledger->proc]);
+        int proc = atomic_load(&ledger->proc);
+        if (proc >= 0 && shm_lock(ledger->shm) == 0) {
+            reap_entry(ledger->shm, &ledger->shm->procs[proc]);
             pthread_mutex_unlock(&ledger->shm->lock);
         }
         munmap(ledger->shm, sizeof(ledger_shm));
@@ -498,7 +501,7 @@ void ta_ledger_after_fork_child(void) {
     atomic_fetch_add(&g_generation, 1);
     for (int d = 0; d < TA_MAX_DEVICES; d++) {
         ta_ledger *ledger = atomic_load(&g_ledgers[d]);
-        if (ledger) ledger->proc = -1; /* the parent's entry is not ours */
+        if (ledger) atomic_store(&ledger->proc, -1); /* the parent's entry is not ours */
     }
 }
 
