@@ -117,21 +117,32 @@ def native_peak(fn, device: torch.device) -> int:
     return torch.cuda.max_memory_reserved(device) - base
 
 
-def measure_native(llm_cpu, unet_cpu, device, iters) -> dict:
-    """Footprints and timings with PyTorch's own allocator (models copied, freed afterwards)."""
-    out: dict = {}
-    torch.cuda.empty_cache()
+def _native_llm(llm_cpu, device, iters) -> dict:
     before = torch.cuda.memory_reserved(device)
     llm = copy.deepcopy(llm_cpu).to(device)
-    out["llm_load_reserved"] = torch.cuda.memory_reserved(device) - before
-    out["llm_peak_by_batch"] = {b: native_peak(lambda b=b: llm_forward(llm, device, b), device) for b in (1, *LLM_BATCHES)}
-    out["llm_ms"] = time_forward(lambda: llm_forward(llm, device, 1), iters, torch.cuda.empty_cache)
+    return {
+        "llm_load_reserved": torch.cuda.memory_reserved(device) - before,
+        "llm_peak_by_batch": {b: native_peak(lambda b=b: llm_forward(llm, device, b), device) for b in (1, *LLM_BATCHES)},
+        "llm_ms": time_forward(lambda: llm_forward(llm, device, 1), iters, torch.cuda.empty_cache),
+    }
+
+
+def _native_unet(unet_cpu, device, iters) -> dict:
     before = torch.cuda.memory_reserved(device)
     unet = copy.deepcopy(unet_cpu).to(device)
-    out["unet_load_reserved"] = torch.cuda.memory_reserved(device) - before
-    out["unet_peak"] = native_peak(lambda: unet_forward(unet, device), device)
-    out["unet_ms"] = time_forward(lambda: unet_forward(unet, device), iters, torch.cuda.empty_cache)
-    del llm, unet
+    return {
+        "unet_load_reserved": torch.cuda.memory_reserved(device) - before,
+        "unet_peak": native_peak(lambda: unet_forward(unet, device), device),
+        "unet_ms": time_forward(lambda: unet_forward(unet, device), iters, torch.cuda.empty_cache),
+    }
+
+
+def measure_native(llm_cpu, unet_cpu, device, iters) -> dict:
+    """Footprints and timings with PyTorch's own allocator (on copies, freed afterwards)."""
+    torch.cuda.empty_cache()
+    out = _native_llm(llm_cpu, device, iters)
+    torch.cuda.empty_cache()
+    out.update(_native_unet(unet_cpu, device, iters))
     torch.cuda.empty_cache()
     return out
 
@@ -210,16 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     print("native: load reserved llama %.1f MiB, unet %.1f MiB; forward peak llama b1 %.1f MiB, unet b%d %.1f MiB"
           % (native["llm_load_reserved"] / MIB, native["unet_load_reserved"] / MIB, peaks[1] / MIB, UNET_BATCH, native["unet_peak"] / MIB))
 
-    # Each grant fits its model at full quality plus its measured load slack and forward peak.
-    margin = 16 * MIB
+    # Each grant fits its model at full quality plus its measured load slack and forward peak;
+    # the budget keeps a little spare, which a reclaim takes before lowering anyone.
+    margin, spare = 16 * MIB, 32 * MIB
     llm_act = native["llm_load_reserved"] - llm_bytes + peaks[1] + margin
     unet_act = native["unet_load_reserved"] - unet_bytes + native["unet_peak"] + margin
-    budget = llm_bytes + llm_act + unet_bytes + unet_act
+    budget = llm_bytes + llm_act + unet_bytes + unet_act + spare
     floor = WorkloadType.IMAGE_GENERATION.floor
     reclaimable = int((1 - floor) * unet_bytes * 0.8)
-    # The largest batch that overflows the LLM's grant by less than the UNet can give up.
+    # The largest batch that overflows the LLM's grant by more than the spare and less than the
+    # UNet can give up: recovering it must lower the UNet.
     overflow = {b: peaks[b] - peaks[1] - margin for b in LLM_BATCHES}
-    big = next((b for b in LLM_BATCHES if 0 < overflow[b] < reclaimable), LLM_BATCHES[-1])
+    big = next((b for b in LLM_BATCHES if spare < overflow[b] < spare + reclaimable), LLM_BATCHES[-1])
     print(f"budget: {budget / MIB:.1f} MiB virtual on {device}; LLM batch {big} overflows its grant by ~{overflow[big] / MIB:.1f} MiB, "
           f"the UNet can give ~{reclaimable / MIB:.1f} MiB above its floor {floor}")
 
@@ -230,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     llm_alloc = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.HIGH, bytes=llm_bytes, activation_bytes=llm_act, name="llama")
     unet_alloc = arbiter.request_allocation_blocking(WorkloadType.IMAGE_GENERATION, Priority.LOW, bytes=unet_bytes, activation_bytes=unet_act, name="unet")
     names = {ta_alloc.workload_key(llm_alloc.id): "llama", ta_alloc.workload_key(unet_alloc.id): "unet"}
-    with arbiter.workload(llm_alloc):
-        llm = llm_cpu.to(device)
-    with arbiter.workload(unet_alloc):
-        unet = unet_cpu.to(device)
+    # Loading inside the scopes charges the weights to each workload (with recovery, in case the
+    # coordinator's split leaves a grant a little under the measured footprint).
+    llm = ta_alloc.run_with_recovery(arbiter, llm_alloc, llm_cpu.to, device)
+    unet = ta_alloc.run_with_recovery(arbiter, unet_alloc, unet_cpu.to, device)
     ledger = ta_alloc.Ledger(args.device)
     print(f"ledger {ledger.name} after loading inside the workload scopes:\n{ledger_lines(ledger, names)}")
 
@@ -293,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for allocation in (llm_alloc, unet_alloc):
         allocation.release()
     arbiter.close()
-    del llm, unet
-    ta_alloc.empty_pool_caches(arbiter)
-    ledger.unlink()
+    ledger.unlink()  # the segment's name; this process's mapping lives until it exits
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
-from test_allocator import ledger  # noqa: F401  (the isolated-ledger fixture)
+from test_allocator import ledger  # noqa: F401  (the isolated-ledger fixture, used by name)
 
 from torch_arbiter import Priority, WorkloadType
 from torch_arbiter import allocator as ta_alloc
@@ -191,3 +194,11 @@ def test_install_without_cuda_says_what_to_do():
     with pytest.raises(AllocatorError, match="CUDA build of PyTorch"):
         ta_alloc.install()
     assert not ta_alloc.is_installed()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_script_says_it_needs_a_gpu():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "no CUDA device is visible" in run.stderr and "host backend" in run.stderr
