@@ -393,10 +393,11 @@ int ta_ledger_slot(ta_ledger *ledger, uint64_t key, int create) {
         if (pass == 1) recycle_slots(shm);
         for (int i = 0; i < TA_LEDGER_SLOTS && s < 0; i++) {
             ledger_slot *slot = &shm->slots[i];
-            if (atomic_load(&slot->state) != SLOT_FREE) continue;
+            /* A free slot can carry a transient charge from a process that cached it before it
+             * was recycled (it backs the charge out at once): leave such a slot alone. */
+            if (atomic_load(&slot->state) != SLOT_FREE || atomic_load(&slot->used) != 0) continue;
             atomic_store(&slot->key, key);
             atomic_store(&slot->limit, TA_UNLIMITED);
-            atomic_store(&slot->used, 0);
             atomic_store(&slot->peak, 0);
             atomic_store(&slot->refused, 0);
             atomic_store(&slot->owner_pid, getpid());

@@ -105,8 +105,9 @@ def install(*, enforce: bool = False) -> None:
     then charged to the calling thread's workload (the default workload 0 outside any scope).
 
     Args:
-        enforce: refuse allocations past a limit. Off by default because PyTorch (through 2.x)
-            does not check the pointer a global pluggable allocator returns: a refusal becomes a
+        enforce: refuse allocations past a limit. Off by default because PyTorch's
+            ``CUDAPluggableAllocator::allocate`` (in the 2.x sources read) does not check the
+            pointer a global pluggable allocator returns: a refusal becomes a
             null data pointer, not ``torch.OutOfMemoryError``. Turn it on only if your PyTorch
             checks it.
 
