@@ -112,8 +112,9 @@ def install(*, enforce: bool = False) -> None:
             checks it.
 
     Limits: no caching on top (every tensor is a cudaMalloc/cudaFree: slow for many small
-    tensors); ``torch.cuda.memory_stats()``, ``memory_allocated()`` and ``empty_cache()`` are not
-    supported by PyTorch for a pluggable allocator; ``torch.cuda.MemPool`` scopes are unavailable,
+    tensors, and ``empty_cache()`` has nothing to release); ``torch.cuda.memory_stats()`` and the
+    functions built on it are not supported by PyTorch for a pluggable allocator (read the
+    :class:`Ledger` instead); ``torch.cuda.MemPool`` scopes are unavailable,
     so ``arbiter.workload(...)`` only selects the workload. Prefer pool mode (no ``install()``).
 
     Raises:
