@@ -134,6 +134,7 @@ typedef int (*cuda_malloc_async_fn)(void **, size_t, ta_stream_t);
 typedef int (*cuda_free_async_fn)(void *, ta_stream_t);
 typedef int (*cuda_get_device_fn)(int *);
 typedef int (*cuda_set_device_fn)(int);
+typedef int (*cuda_get_last_error_fn)(void);
 
 static struct {
     cuda_malloc_fn malloc;
@@ -142,6 +143,7 @@ static struct {
     cuda_free_async_fn free_async;
     cuda_get_device_fn get_device;
     cuda_set_device_fn set_device;
+    cuda_get_last_error_fn get_last_error;
     char error[ERROR_LEN];
 } g_cuda;
 static pthread_once_t g_cuda_once = PTHREAD_ONCE_INIT;
@@ -178,8 +180,11 @@ static void resolve_cuda(void) {
     g_cuda.free_async = (cuda_free_async_fn)dlsym(handle, "cudaFreeAsync");
     g_cuda.get_device = (cuda_get_device_fn)dlsym(handle, "cudaGetDevice");
     g_cuda.set_device = (cuda_set_device_fn)dlsym(handle, "cudaSetDevice");
-    if (!g_cuda.malloc || !g_cuda.free || !g_cuda.get_device || !g_cuda.set_device)
-        snprintf(g_cuda.error, sizeof g_cuda.error, "libcudart lacks cudaMalloc/cudaFree");
+    g_cuda.get_last_error = (cuda_get_last_error_fn)dlsym(handle, "cudaGetLastError");
+    if (!g_cuda.malloc || !g_cuda.free || !g_cuda.get_device || !g_cuda.set_device ||
+        !g_cuda.get_last_error)
+        snprintf(g_cuda.error, sizeof g_cuda.error,
+                 "libcudart lacks cudaMalloc/cudaFree/cudaGetDevice/cudaSetDevice/cudaGetLastError");
 }
 
 static int cuda_ready(int backend) {
@@ -200,15 +205,21 @@ static void *backend_alloc(int backend, size_t size, int device, ta_stream_t str
     if (!cuda_ready(backend)) return NULL;
     int current = -1;
     g_cuda.get_device(&current);
-    if (current != device && g_cuda.set_device(device) != 0) {
-        ta_set_error("cudaSetDevice(%d) failed", device);
+    int err = current == device ? 0 : g_cuda.set_device(device);
+    if (err != 0) {
+        g_cuda.get_last_error();
+        ta_set_error("cudaSetDevice(%d) failed (cudaError %d): no usable CUDA device or driver", device,
+                     err);
         return NULL;
     }
     void *ptr = NULL;
-    int err = backend == TA_BACKEND_CUDA_ASYNC ? g_cuda.malloc_async(&ptr, size, stream)
-                                               : g_cuda.malloc(&ptr, size);
+    err = backend == TA_BACKEND_CUDA_ASYNC ? g_cuda.malloc_async(&ptr, size, stream)
+                                           : g_cuda.malloc(&ptr, size);
     if (current != device && current >= 0) g_cuda.set_device(current);
     if (err != 0) {
+        /* Clear the runtime's last error, as PyTorch does after its own failed cudaMalloc, so
+         * the next kernel launch check does not report this allocation's failure. */
+        g_cuda.get_last_error();
         ta_set_error("cuda allocation of %zu bytes on device %d failed (cudaError %d)", size,
                      device, err);
         return NULL;
