@@ -32,7 +32,7 @@
 #endif
 
 #define LEDGER_MAGIC 0x5245544942524154ULL /* "TARBITER" */
-#define LEDGER_LAYOUT 2
+#define LEDGER_LAYOUT 3
 #define SLOT_FREE 0u
 #define SLOT_ACTIVE 1u
 #define PROC_FREE 0
@@ -53,17 +53,14 @@ typedef struct {
     uint64_t pad;
 } ledger_slot;
 
-/* One cache line per counter: threads charging different workloads must not share a line. */
-typedef struct {
-    _Atomic uint64_t value;
-    char pad[56];
-} line_counter;
-
+/* Compact on purpose (the whole segment is reserved in /dev/shm up front): a process's threads
+ * charging neighbouring workloads share cache lines here, which costs little next to the CAS on
+ * each workload's own line, and allocations reach this library at segment rate on CUDA. */
 typedef struct {
     _Atomic int32_t pid;
     uint32_t pad;
     uint64_t start_time;
-    line_counter bytes[TA_LEDGER_SLOTS] __attribute__((aligned(64)));
+    _Atomic uint64_t bytes[TA_LEDGER_SLOTS];
 } ledger_proc;
 
 typedef struct {
@@ -177,8 +174,7 @@ static void segment_name(int device, char *buf, size_t buflen) {
     snprintf(buf, buflen, "/%s.u%u.d%d", g_prefix, (unsigned)geteuid(), device);
 }
 
-/* A new segment is zero-filled by ftruncate; only the header needs writing, so the per-process
- * tables stay untouched (not resident) until used. */
+/* A new segment is zero-filled by posix_fallocate; only the header needs writing. */
 static void init_segment(ledger_shm *shm) {
     shm->magic = LEDGER_MAGIC;
     shm->layout = LEDGER_LAYOUT;
@@ -234,8 +230,13 @@ static ledger_shm *map_segment(const char *name) {
         close(fd);
         return NULL;
     }
-    if (created && (fchmod(fd, 0600) != 0 || ftruncate(fd, sizeof(ledger_shm)) != 0)) {
-        ta_set_error("cannot size ledger segment %s: %s", name, strerror(errno));
+    /* Reserve every page now: touching a page of a sparse segment on a full /dev/shm would kill
+     * the process with SIGBUS in the middle of an allocation. */
+    int rc = 0;
+    if (created) rc = fchmod(fd, 0600) != 0 ? errno : posix_fallocate(fd, 0, sizeof(ledger_shm));
+    if (rc != 0) {
+        ta_set_error("cannot reserve %zu bytes for ledger segment %s: %s (is /dev/shm full?)",
+                     sizeof(ledger_shm), name, strerror(rc));
         close(fd);
         shm_unlink(name);
         return NULL;
@@ -271,7 +272,7 @@ static ledger_shm *map_segment(const char *name) {
 static uint64_t reap_entry(ledger_shm *shm, ledger_proc *proc) {
     uint64_t total = 0;
     for (int s = 0; s < TA_LEDGER_SLOTS; s++) {
-        uint64_t b = atomic_exchange_explicit(&proc->bytes[s].value, 0, memory_order_acq_rel);
+        uint64_t b = atomic_exchange_explicit(&proc->bytes[s], 0, memory_order_acq_rel);
         if (b) {
             atomic_fetch_sub_explicit(&shm->slots[s].used, b, memory_order_acq_rel);
             total += b;
@@ -285,7 +286,7 @@ static uint64_t reap_entry(ledger_shm *shm, ledger_proc *proc) {
 
 static int slot_has_bytes(ledger_shm *shm, int s) {
     for (int p = 0; p < TA_LEDGER_PROCS; p++)
-        if (atomic_load_explicit(&shm->procs[p].bytes[s].value, memory_order_acquire)) return 1;
+        if (atomic_load_explicit(&shm->procs[p].bytes[s], memory_order_acquire)) return 1;
     return 0;
 }
 
@@ -322,7 +323,7 @@ static int register_process(ta_ledger *ledger) {
         if (atomic_load(&shm->procs[p].pid) == PROC_FREE) found = p;
     if (found >= 0) {
         ledger_proc *proc = &shm->procs[found];
-        for (int s = 0; s < TA_LEDGER_SLOTS; s++) atomic_store(&proc->bytes[s].value, 0);
+        for (int s = 0; s < TA_LEDGER_SLOTS; s++) atomic_store(&proc->bytes[s], 0);
         proc->start_time = read_proc_stat(getpid(), NULL);
         atomic_store_explicit(&proc->pid, getpid(), memory_order_release);
     }
@@ -431,7 +432,7 @@ int ta_ledger_charge(ta_ledger *ledger, int slot_index, uint64_t key, uint64_t n
     } while (!atomic_compare_exchange_weak_explicit(&slot->used, &used, next,
                                                     memory_order_acq_rel, memory_order_relaxed));
     int proc = atomic_load_explicit(&ledger->proc, memory_order_relaxed);
-    atomic_fetch_add_explicit(&shm->procs[proc].bytes[slot_index].value, n,
+    atomic_fetch_add_explicit(&shm->procs[proc].bytes[slot_index], n,
                               memory_order_acq_rel);
     if (atomic_load_explicit(&slot->key, memory_order_acquire) != key ||
         atomic_load_explicit(&slot->state, memory_order_acquire) != SLOT_ACTIVE) {
@@ -450,7 +451,7 @@ int ta_ledger_charge(ta_ledger *ledger, int slot_index, uint64_t key, uint64_t n
 void ta_ledger_uncharge(ta_ledger *ledger, int slot_index, uint64_t n) {
     ledger_shm *shm = ledger->shm;
     int proc = atomic_load_explicit(&ledger->proc, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&shm->procs[proc].bytes[slot_index].value, n,
+    atomic_fetch_sub_explicit(&shm->procs[proc].bytes[slot_index], n,
                               memory_order_acq_rel);
     atomic_fetch_sub_explicit(&shm->slots[slot_index].used, n, memory_order_acq_rel);
 }
@@ -601,7 +602,7 @@ int torch_arbiter_ledger_process_bytes(int device, uint64_t key, int32_t *pids, 
     for (int p = 0; p < TA_LEDGER_PROCS; p++) {
         ledger_proc *proc = &ledger->shm->procs[p];
         int32_t pid = atomic_load(&proc->pid);
-        uint64_t b = atomic_load(&proc->bytes[s].value);
+        uint64_t b = atomic_load(&proc->bytes[s]);
         if (pid == PROC_FREE || b == 0) continue;
         if (count < max_entries && pids && bytes) {
             pids[count] = pid;
