@@ -1,0 +1,29 @@
+"""Hooks that make a loaded model's quality live: ``patch()``, ``ManagedModel`` and the glue.
+
+One file per technique, in the style of ``diffusers.hooks``: each has a named hook constant and
+``apply_*`` / ``remove_*`` entry points, and everything it installs can be removed again.
+
+- :mod:`.holo_swap`: swap ``nn.Linear`` / ``nn.Conv2d`` for Holo modules (and back, bit for bit);
+- :mod:`.safe_point`: apply a new quality only between forward calls of the top modules;
+- :mod:`.managed`: :func:`patch` and :class:`ManagedModel` (planning, arbiter registration);
+- :mod:`.transformers_quantizer`: ``HoloTensorConfig`` for ``from_pretrained(quantization_config=...)``.
+"""
+
+from .holo_swap import HOLO_SWAP_HOOK, SwappedLayer, apply_holo_swap, find_swappable, remove_holo_swap
+from .managed import ManagedModel, managed_model_of, patch
+from .safe_point import SAFE_POINT_HOOK, SafePointHandle, SafePointSwitch, apply_safe_point_hook
+
+__all__ = [
+    "patch",
+    "ManagedModel",
+    "managed_model_of",
+    "HOLO_SWAP_HOOK",
+    "SwappedLayer",
+    "apply_holo_swap",
+    "remove_holo_swap",
+    "find_swappable",
+    "SAFE_POINT_HOOK",
+    "SafePointSwitch",
+    "SafePointHandle",
+    "apply_safe_point_hook",
+]

@@ -1,0 +1,69 @@
+"""Shared fixtures: the real models, each loaded (and converted) once per test session.
+
+Session fixtures hand out *references*: never patch or modify what they return. Tests that
+patch a model take a fresh copy from the ``fresh_*`` fixtures (cheap: SmolLM2 loads from its
+safetensors cache in about a second, the digits DDPM in a fraction of that).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_arbiter import models
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The unpatched SmolLM2-135M-Instruct reference ``(model, tokenizer)`` (fp32, CPU)."""
+    return models.load_smollm2()
+
+
+@pytest.fixture
+def fresh_smollm2():
+    """A new SmolLM2 ``(model, tokenizer)`` that a test may patch."""
+    return models.load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_holo_dir(tmp_path_factory):
+    """SmolLM2 converted once per session with ``torch_arbiter.holo.convert`` (the slow encode).
+
+    Tests patch fresh models from it (``patch(model, holo_dir=...)``) instead of encoding again.
+    """
+    from torch_arbiter.holo.convert import convert
+
+    destination = tmp_path_factory.mktemp("smollm2_holo") / "holo"
+    convert(models.smollm2_checkpoint_dir(), destination, progress=False)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The unpatched all-MiniLM-L6-v2 reference ``(model, tokenizer)`` (fp32, CPU)."""
+    return models.load_minilm()
+
+
+@pytest.fixture(scope="session")
+def digits_ddpm():
+    """The unpatched digits ``DDPMPipeline`` (reference; do not patch it)."""
+    return models.load_digits_ddpm()
+
+
+@pytest.fixture
+def fresh_digits_ddpm():
+    """A new digits ``DDPMPipeline`` that a test may patch."""
+    return models.load_digits_ddpm()
+
+
+def _sample_digits(pipeline, *, seed: int = 0, batch_size: int = 4, steps: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    return pipeline(batch_size=batch_size, generator=generator, num_inference_steps=steps,
+                    output_type="np").images
+
+
+@pytest.fixture(scope="session")
+def sample_digits():
+    """``sample_digits(pipeline, seed=0, batch_size=4, steps=10)``: images ``(b, 16, 16, 1)`` in
+    [0, 1] from a digits pipeline, seeded so two pipelines can be compared image for image."""
+    return _sample_digits

@@ -1,0 +1,440 @@
+"""``patch()``: one line turns a loaded model or pipeline into one whose quality the arbiter moves.
+
+``patch(obj)`` swaps the weight layers of ``obj`` for Holo modules (encoding them, or reading a
+converted holo checkpoint), guards every top module with a safe-point hook, registers the model
+with an :class:`~torch_arbiter.arbiter.Arbiter` and returns a :class:`ManagedModel`.
+
+Quality ``q`` is the share of the model's full weight bytes (every parameter and buffer, the
+layers that stay exact included) that may be resident. The layers that are not swapped
+(embeddings, norms, tied heads, biases) are always resident at full size, so the Holo layers get
+``q × full bytes − fixed bytes`` and :func:`torch_arbiter.holo.plan_quality` spends that on the
+levels that measure best per byte. Below :attr:`ManagedModel.min_quality` (every Holo layer at
+its lowest level) the model cannot shrink further: lower requests apply ``min_quality``.
+
+The arbiter's rebalances reach the model through a listener: each ``QualityChange`` of this
+model's allocation becomes a :meth:`ManagedModel.set_quality`, applied at the next safe point.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InvalidRequestError, PatchError
+from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
+from ..priority import Priority, WorkloadKind, WorkloadType
+from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
+from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
+
+__all__ = ["ManagedModel", "patch", "managed_model_of"]
+
+_log = logging.getLogger(__name__)
+_MARKER = "_torch_arbiter_managed"
+
+
+def _components(obj: Any) -> tuple[dict[str, nn.Module], str]:
+    """The top modules of ``obj`` by component name, and the kind of object it is."""
+    diffusers = sys.modules.get("diffusers")  # a pipeline exists only if diffusers was imported
+    if diffusers is not None and isinstance(obj, diffusers.DiffusionPipeline):
+        modules = {name: value for name, value in obj.components.items() if isinstance(value, nn.Module)}
+        if not modules:
+            raise PatchError(f"the {type(obj).__name__} has no nn.Module component to patch")
+        return modules, "diffusers"
+    if isinstance(obj, nn.Module):
+        return {"": obj}, "transformers" if _is_transformers_model(obj) else "module"
+    raise PatchError(
+        f"patch() takes a transformers PreTrainedModel, a diffusers DiffusionPipeline or an "
+        f"nn.Module, got {type(obj).__name__}")
+
+
+def _is_transformers_model(obj: Any) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(obj, transformers.PreTrainedModel)
+
+
+def _default_workload(kind: str) -> WorkloadType:
+    return WorkloadType.IMAGE_GENERATION if kind == "diffusers" else WorkloadType.LLM_INFERENCE
+
+
+def _tensor_bytes(tensors) -> int:
+    seen: set[tuple] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor is None or tensor.numel() == 0:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tensor.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def managed_model_of(obj: Any) -> "ManagedModel | None":
+    """The live :class:`ManagedModel` of a patched model or pipeline, or None.
+
+    Args:
+        obj: what was passed to :func:`patch` (or one of its components).
+
+    Returns:
+        The handle while ``obj`` is patched, else None.
+    """
+    modules = obj.components.values() if hasattr(obj, "components") and not isinstance(obj, nn.Module) else [obj]
+    for module in modules:
+        ref = getattr(module, _MARKER, None) if isinstance(module, nn.Module) else None
+        if ref is not None and ref() is not None:
+            return ref()
+    return None
+
+
+class ManagedModel:
+    """A patched model or pipeline whose weight quality moves at run time.
+
+    Made by :func:`patch`. Thread-safe: :meth:`set_quality` may be called from any thread (the
+    arbiter's listener calls it from the thread that caused a rebalance) while the model runs;
+    new levels are applied only at safe points (see :mod:`.safe_point`).
+
+    Attributes:
+        model: the object that was patched (model or pipeline).
+        allocation: the arbiter allocation (None when registered with no arbiter).
+        arbiter: the arbiter it is registered with (None when none).
+        full_bytes: weight bytes at quality 1 (all parameters and buffers).
+        fixed_bytes: bytes of the tensors that stay exact at every quality.
+        min_quality: the lowest quality the model can run at.
+    """
+
+    def __init__(self, model: Any, components: Mapping[str, nn.Module], swapped: list[SwappedLayer],
+                 switch_hooks: list[SafePointHandle], switch: SafePointSwitch[float]):
+        """Use :func:`patch`; this only wires already-swapped parts together."""
+        self.model = model
+        self._components = dict(components)
+        self._swapped = swapped
+        self._layers = {layer.tensor_name: layer.holo for layer in swapped}
+        self._holos = {name: module.holo for name, module in self._layers.items()}
+        self._switch_hooks = switch_hooks
+        self._switch = switch
+        self._lock = threading.RLock()
+        self._quality = 1.0
+        self._patched = True
+        self.allocation = None
+        self.arbiter = None
+        self._listener = None
+        self._curve: list[tuple[float, int]] | None = None
+        self.fixed_bytes = self._measure_fixed_bytes()
+        holo_full = sum(h.full_bytes for h in self._holos.values())
+        self.full_bytes = self.fixed_bytes + holo_full
+        self._holo_full = holo_full
+        lowest = self.fixed_bytes + sum(h.level_bytes(1) for h in self._holos.values())
+        self.min_quality = self._quality_for_bytes(lowest)
+
+    # -- what a quality means --------------------------------------------------------------------
+
+    def _holo_budget(self, q: float) -> float:
+        """Bytes the Holo layers may hold at quality q (what plan_quality is given, times holo bytes)."""
+        if self._holo_full == 0:
+            return 0.0
+        return min(1.0, max(0.0, (q * self.full_bytes - self.fixed_bytes) / self._holo_full)) * self._holo_full
+
+    def _quality_for_bytes(self, nbytes: int) -> float:
+        """Smallest float q whose plan affords ``nbytes`` (fixed bytes included)."""
+        if self.full_bytes == 0:
+            return 0.0
+        q = min(1.0, nbytes / self.full_bytes)
+        while q < 1.0 and self._holo_budget(q) < nbytes - self.fixed_bytes:
+            q = math.nextafter(q, 2.0)
+        return q
+
+    def _plan(self, q: float) -> tuple[dict[str, int], int]:
+        """(levels, resident bytes) at quality q (raised to min_quality)."""
+        q = max(q, self.min_quality)
+        if q >= 1.0 or self._holo_full == 0:
+            levels = {name: h.num_levels for name, h in self._holos.items()}
+        else:
+            levels = plan_quality(self._holos, self._holo_budget(q) / self._holo_full)
+        return levels, self.fixed_bytes + plan_bytes(self._holos, levels)
+
+    @staticmethod
+    def _check(q: Any) -> float:
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or math.isnan(q) or not 0.0 <= q <= 1.0:
+            raise InvalidRequestError(f"quality must be a number in [0, 1], got {q!r}")
+        return float(q)
+
+    def bytes_at(self, q: float) -> int:
+        """Resident weight bytes at quality ``q`` (exact: the sum of the planned level sizes).
+
+        Args:
+            q: a quality in [0, 1]; below :attr:`min_quality` the model holds ``min_quality``'s bytes.
+
+        Returns:
+            Bytes; ``bytes_at(1) == full_bytes`` and ``bytes_at(q) <= q * full_bytes`` for
+            ``q >= min_quality``.
+
+        Raises:
+            InvalidRequestError: ``q`` outside [0, 1] or NaN.
+        """
+        return self._plan(self._check(q))[1]
+
+    def levels_at(self, q: float) -> dict[str, int]:
+        """The level of every Holo layer at quality ``q`` (by the weight's state-dict name)."""
+        return self._plan(self._check(q))[0]
+
+    @property
+    def curve(self) -> list[tuple[float, int]]:
+        """The exact ``(quality, bytes)`` steps of this model, from ``min_quality`` to 1.
+
+        Each point is the lowest quality at which the next step of the planner's fixed order
+        (:func:`torch_arbiter.holo.plan_order`) becomes affordable, with the bytes then resident:
+        what the arbiter is given as ``curve``. ``bytes_at(q)`` of each point's ``q`` is its bytes.
+        """
+        if self._curve is None:
+            steps = plan_order(self._holos)
+            first = len(self._holos)
+            spent = self.fixed_bytes + sum(extra for _, _, extra in steps[:first])
+            points = [(self.min_quality, spent)]
+            for _, _, extra in steps[first:]:
+                spent += extra
+                if extra == 0 or spent >= self.full_bytes:
+                    continue
+                points.append((self._quality_for_bytes(spent), spent))
+            points.append((1.0, self.full_bytes))
+            self._curve = points
+        return list(self._curve)
+
+    # -- live state --------------------------------------------------------------------------------
+
+    @property
+    def quality(self) -> float:
+        """The quality in effect now (a requested one waiting for a safe point is not yet)."""
+        with self._lock:
+            return self._quality
+
+    @property
+    def pending_quality(self) -> float | None:
+        """A requested quality waiting for the running forward to end, or None."""
+        return self._switch.pending
+
+    @property
+    def levels(self) -> dict[str, int]:
+        """The level each Holo layer holds now, by the weight's state-dict name."""
+        return {name: module.level for name, module in self._layers.items()}
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The Holo modules, by the weight's state-dict name."""
+        return dict(self._layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weight bytes held now, measured from the tensors: Holo layers' resident tensors plus
+        every other parameter and buffer (shared storage counted once)."""
+        return self.fixed_bytes_measured() + sum(m.resident_bytes for m in self._layers.values())
+
+    def fixed_bytes_measured(self) -> int:
+        """Bytes of the parameters and buffers outside the Holo fragments, measured now."""
+        return self._measure_fixed_bytes()
+
+    def _measure_fixed_bytes(self) -> int:
+        tensors = []
+        for module in self._components.values():
+            tensors.extend(module.parameters())
+            tensors.extend(module.buffers())
+        return _tensor_bytes(tensors)
+
+    def set_quality(self, q: float, *, wait: bool = False, timeout: float | None = None) -> bool:
+        """Move the model to quality ``q`` at the next safe point.
+
+        Applied at once when no forward of the model is running, else when the running forward
+        ends (between decode steps, between UNet calls); a newer request replaces a pending one.
+
+        Args:
+            q: a quality in [0, 1]; values below :attr:`min_quality` apply ``min_quality``.
+            wait: block until it is applied.
+            timeout: with ``wait``, give up after this many seconds.
+
+        Returns:
+            True when the quality is in effect on return, False when it is still pending.
+
+        Raises:
+            InvalidRequestError: ``q`` outside [0, 1] or NaN.
+            PatchError: the model was unpatched.
+        """
+        q = self._check(q)
+        if not self._patched:
+            raise PatchError("this model was unpatched: patch() it again to manage its quality")
+        applied = self._switch.request(q)
+        if not applied and wait:
+            applied = self._switch.wait_applied(timeout)
+        return applied
+
+    def _apply(self, q: float) -> None:
+        """Set every layer's level for quality q (called by the switch at a safe point)."""
+        with self._lock:
+            if not self._patched:
+                return
+            levels, _ = self._plan(q)
+            lowering = [(n, k) for n, k in levels.items() if k < self._layers[n].level]
+            raising = [(n, k) for n, k in levels.items() if k > self._layers[n].level]
+            for name, level in lowering + raising:  # free memory before taking more
+                self._layers[name].set_level(level)
+            self._quality = max(q, self.min_quality)
+
+    # -- arbiter -------------------------------------------------------------------------------------
+
+    def _attach(self, arbiter, allocation) -> None:
+        self.arbiter, self.allocation = arbiter, allocation
+        own = weakref.ref(self)
+        allocation_id = allocation.id
+
+        def listener(changes) -> None:
+            managed = own()
+            if managed is None:
+                return
+            for change in changes:
+                if change.allocation.id == allocation_id and change.allocation is managed.allocation:
+                    managed.set_quality(min(1.0, max(0.0, change.new_quality)))
+
+        self._listener = listener
+        arbiter.add_listener(listener)
+
+    # -- undo ------------------------------------------------------------------------------------------
+
+    @property
+    def patched(self) -> bool:
+        """False once :meth:`unpatch` ran."""
+        return self._patched
+
+    def unpatch(self) -> None:
+        """Restore the original layers bit for bit, remove the hooks, release the allocation.
+
+        Waits for a running forward to end first. Calling it again does nothing. Works after
+        the arbiter was closed or the allocation released elsewhere (then there is nothing to
+        release).
+        """
+        with self._switch._lock:  # no forward runs while layers are put back
+            while self._switch._running:
+                self._switch._idle.wait()
+            with self._lock:
+                if not self._patched:
+                    return
+                self._patched = False
+                for handle in self._switch_hooks:
+                    handle.remove()
+                remove_holo_swap(self._swapped)
+                for module in self._components.values():
+                    module.__dict__.pop(_MARKER, None)
+        if self.arbiter is not None:
+            self.arbiter.remove_listener(self._listener)
+            if self.allocation is not None and not self.allocation.released:
+                try:
+                    self.allocation.release()
+                except Exception as exc:  # the arbiter already forgot it: nothing left to give back
+                    _log.debug("allocation release after unpatch skipped: %s", exc)
+
+    def __repr__(self) -> str:
+        state = f"quality={self.quality:.3f}" if self._patched else "unpatched"
+        return (f"ManagedModel({type(self.model).__name__}, {len(self._layers)} holo layers, {state}, "
+                f"{self.resident_bytes}/{self.full_bytes} bytes)")
+
+
+def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | None = None,
+          priority: Priority | int | str = Priority.NORMAL, name: str | None = None,
+          holo_dir: str | Path | None = None, encode_options: Mapping[str, Any] | None = None,
+          min_quality: float | None = None, activation_bytes: int | None = None,
+          timeout: float | None = None, register: bool = True, progress: bool = True) -> ManagedModel:
+    """Make a loaded model's quality live and hand it to the arbiter. One line of user code.
+
+    Args:
+        obj: a transformers ``PreTrainedModel``, a diffusers ``DiffusionPipeline`` (every
+            ``nn.Module`` component is patched) or any ``nn.Module``.
+        arbiter: the :class:`~torch_arbiter.arbiter.Arbiter` to register with; None takes
+            :func:`~torch_arbiter.arbiter.get_default_arbiter`.
+        workload: the workload kind; default ``LLM_INFERENCE`` (``IMAGE_GENERATION`` for a pipeline).
+        priority: the workload's priority.
+        name: shown in the arbiter's state; default the model's class name.
+        holo_dir: a holo checkpoint made by ``torch-arbiter convert`` from this model's weights:
+            its fragments are used instead of encoding (each is checked against the weight).
+        encode_options: passed to :meth:`HoloTensor.encode` when encoding (``group_size``, ``rank``).
+        min_quality: the floor asked of the arbiter (raised to :attr:`ManagedModel.min_quality`).
+        activation_bytes: bytes the workload needs at any quality (default: the kind's).
+        timeout: seconds to wait for the arbiter's grant.
+        register: False patches without registering (quality moves only by ``set_quality``).
+        progress: show a tqdm bar while encoding.
+
+    Returns:
+        The :class:`ManagedModel`, already at the quality the arbiter granted.
+
+    Raises:
+        PatchError: ``obj`` is already patched, is not a model or pipeline, has no layer to swap,
+            or ``holo_dir`` does not match it. ``obj`` is left exactly as it was.
+        ArbiterError: the arbiter refused the request (``obj`` is unpatched again).
+
+    Limits: inference only (Holo layers carry no gradients); ``nn.Linear`` and ``nn.Conv2d`` are
+    swapped, other layers (embeddings, norms, tied heads) stay exact and count as fixed bytes.
+    """
+    components, kind = _components(obj)
+    if managed_model_of(obj) is not None or any(
+            isinstance(m, (nn.Module,)) and any(type(sub).__module__.startswith("torch_arbiter.nn")
+                                                 for sub in m.modules())
+            for m in components.values()):
+        raise PatchError(f"this {type(obj).__name__} is already patched: use the ManagedModel "
+                         "patch() returned, or unpatch() it first")
+    checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
+    if checkpoint is not None and kind == "diffusers":
+        prefixes = {component: f"{component}/" for component in components}
+    else:
+        prefixes = {component: "" for component in components}
+    swapped: list[SwappedLayer] = []
+    hooks: list[SafePointHandle] = []
+    managed: ManagedModel | None = None
+    try:
+        for component, module in components.items():
+            prefix = prefixes[component] if checkpoint is not None else (f"{component}/" if component else "")
+            swapped.extend(apply_holo_swap(
+                module, prefix=prefix, checkpoint=checkpoint, encode_options=dict(encode_options or {}),
+                progress=progress, description=f"patching {component or type(obj).__name__}"))
+        if not swapped:
+            raise PatchError(f"this {type(obj).__name__} has no nn.Linear or nn.Conv2d layer to make "
+                             "live; patch() has nothing to do for it")
+        holder: list[ManagedModel] = []
+        switch: SafePointSwitch[float] = SafePointSwitch(lambda q: holder[0]._apply(q))
+        for module in components.values():
+            hooks.append(apply_safe_point_hook(module, switch))
+        managed = ManagedModel(obj, components, swapped, hooks, switch)
+        holder.append(managed)
+        for module in components.values():
+            object.__setattr__(module, _MARKER, weakref.ref(managed))
+        if register:
+            _register(managed, arbiter, workload or _default_workload(kind), priority,
+                      name or type(obj).__name__, min_quality, activation_bytes, timeout)
+    except BaseException:
+        if managed is not None:
+            managed.unpatch()
+        else:
+            for handle in hooks:
+                handle.remove()
+            remove_holo_swap(swapped)
+        raise
+    return managed
+
+
+def _register(managed: ManagedModel, arbiter, workload, priority, name, min_quality, activation_bytes,
+              timeout) -> None:
+    from ..arbiter import get_default_arbiter
+
+    arbiter = arbiter if arbiter is not None else get_default_arbiter()
+    floor = managed.min_quality if min_quality is None else max(min_quality, managed.min_quality)
+    options: dict[str, Any] = {"bytes": managed.full_bytes, "curve": managed.curve, "name": name,
+                               "min_quality": floor, "timeout": timeout}
+    if activation_bytes is not None:
+        options["activation_bytes"] = activation_bytes
+    allocation = arbiter.request_allocation_blocking(workload, priority, **options)
+    managed._attach(arbiter, allocation)
+    managed.set_quality(min(1.0, max(0.0, allocation.quality)))
