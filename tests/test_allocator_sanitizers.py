@@ -91,7 +91,36 @@ int main(int argc, char **argv) {
 """
 
 
-def _build_and_run(tmp_path: Path, source: str, sanitize: str, env: dict[str, str]) -> str:
+_LOCK_HOLDER_DIES = """
+#include "ledger.c" /* the driver reaches the ledger's internal lock */
+#include <stdio.h>
+#include <sys/wait.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    torch_arbiter_set_backend(TA_BACKEND_HOST);
+    torch_arbiter_ledger_set_prefix(argv[1]);
+    if (!ta_ledger_get(0)) return 1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        ta_ledger *mine = ta_ledger_get(0);
+        if (!mine || shm_lock(mine->shm) != 0) _exit(3);
+        _exit(0); /* dies holding the ledger's lock */
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 2;
+    if (torch_arbiter_ledger_set_limit(0, 99, 1234) != 0) return 4; /* creating a slot locks */
+    int64_t reaped = torch_arbiter_ledger_reap(0);
+    ta_workload_info info;
+    if (reaped < 0 || torch_arbiter_ledger_get(0, 99, &info) != 0 || info.limit != 1234) return 5;
+    printf("recovered\\n");
+    torch_arbiter_ledger_unlink(0);
+    return 0;
+}
+"""
+
+
+def _build_and_run(tmp_path: Path, source: str, sanitize: str, env: dict[str, str], *, ledger_in_driver: bool = False) -> str:
     if CC is None:
         pytest.skip("no C compiler")
     driver = tmp_path / "driver.c"
@@ -99,8 +128,8 @@ def _build_and_run(tmp_path: Path, source: str, sanitize: str, env: dict[str, st
     binary = tmp_path / "driver"
     build = subprocess.run(
         [CC, "-O1", "-g", "-std=c11", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", f"-I{SOURCES}",
-         "-o", str(binary), str(driver), str(SOURCES / "arbiter_alloc.c"), str(SOURCES / "ledger.c"),
-         "-ldl", "-lrt", "-lpthread"],
+         "-o", str(binary), str(driver), str(SOURCES / "arbiter_alloc.c"),
+         *([] if ledger_in_driver else [str(SOURCES / "ledger.c")]), "-ldl", "-lrt", "-lpthread"],
         capture_output=True, text=True,
     )
     if build.returncode != 0:
@@ -128,3 +157,8 @@ def test_garbage_arguments_have_no_memory_error(tmp_path):
     bad_exercise, live, invalid, unknown, backend_failures = map(int, out.split())
     assert bad_exercise == -22 and live == 0
     assert (invalid, unknown, backend_failures) == (3, 2, 1)
+
+
+def test_a_process_dying_inside_the_ledger_lock_does_not_block_the_others(tmp_path):
+    out = _build_and_run(tmp_path, _LOCK_HOLDER_DIES, "address,undefined", {}, ledger_in_driver=True)
+    assert out.strip() == "recovered"

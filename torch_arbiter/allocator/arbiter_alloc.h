@@ -46,7 +46,7 @@ typedef struct {
 typedef struct {
     uint64_t live_allocs;      /* allocations of this process not yet freed */
     uint64_t live_bytes;
-    uint64_t invalid_args;     /* size <= 0 with a non-zero request, bad device, ... */
+    uint64_t invalid_args;     /* negative size or device out of range (size 0 is a no-op) */
     uint64_t unknown_frees;    /* double frees and pointers this library never returned */
     uint64_t refused;          /* allocations refused by a ledger limit */
     uint64_t backend_failures; /* the backend (cudaMalloc/malloc) returned nothing */
