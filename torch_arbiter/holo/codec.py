@@ -294,6 +294,8 @@ class HoloTensor:
         Args:
             tensor: the weight (any device; work happens in fp32 on its device, fragments end on
                 the CPU). Conv weights ``[out, in, kh, kw]`` are read as ``[out, in*kh*kw]``.
+                A contiguous CPU tensor becomes the ``exact`` fragment without a copy: do not
+                modify it in place afterwards.
             group_size: weights per (scale, zero) group along the input dimension, a multiple of
                 2 (32, 64, 128, 256 keep torch's int4 kernels usable).
             rank: ``"auto"`` (build a low-rank branch and keep it only if it measures better per
@@ -321,8 +323,9 @@ class HoloTensor:
             "dtype": _dtype_name(original.dtype),
             "full_bytes": original.numel() * original.element_size(),
         }
-        exact = original.to("cpu", copy=True).contiguous() if original.device.type != "cpu" \
-            else original.clone().contiguous()
+        # The exact level shares the caller's CPU storage (no second copy of every weight); the
+        # Holo modules replace the layer that owned it, so nothing else writes to it.
+        exact = original.to("cpu").contiguous()
         if (original.dim() < 2 or original.numel() < min_numel or not original.is_floating_point()
                 or original.shape[0] < 2):
             meta.update(scheme="exact", fragments={"exact": {"level": 1, "kind": KIND_EXACT}},
