@@ -6,7 +6,7 @@ Runs the library's C driver loop (``torch_arbiter_exercise``), which calls the e
 Through the ledger, a pair charges and credits the workload's shared-memory slot (CAS loop) and
 this process's attribution entry, and inserts and removes the pointer in the live table.
 
-Writes ``bench/results/allocator.md`` with machine info, the command, medians and ratios.
+Writes ``bench/results/allocator.md`` and ``.json`` (machine, command, medians, ratios).
 
     .venv/bin/python bench/bench_allocator.py [--pairs 1000000] [--repeats 7]
 """
@@ -16,22 +16,22 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
-from torch_arbiter import allocator as ta_alloc
-from torch_arbiter.allocator import _lib
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_results  # noqa: E402
+
+from torch_arbiter import allocator as ta_alloc  # noqa: E402
+from torch_arbiter.allocator import _lib  # noqa: E402
 
 _FLAGS = {"malloc": 0, "ledger": 1}
 _BLOCK = 64
-_RESULTS = Path(__file__).resolve().parent / "results" / "allocator.md"
 
 
 def _run_threads(mode: str, threads: int, pairs: int, keys: list[int]) -> float:
@@ -57,23 +57,6 @@ def _run_threads(mode: str, threads: int, pairs: int, keys: list[int]) -> float:
     return statistics.fmean(elapsed) / pairs
 
 
-def _machine() -> str:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cc = subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return (
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores (shared with other jobs: medians, not means)\n"
-        f"- OS: {platform.platform()}\n- Python {platform.python_version()}, compiler: {cc[0] if cc else 'unknown'}\n"
-        f"- load average at the end (1/5/15 min): {'/'.join(f'{x:.2f}' for x in os.getloadavg())}\n"
-        f"- commit: {commit or 'unknown'}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results file.
 
@@ -83,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1_000_000, help="alloc/free pairs per thread per run")
     parser.add_argument("--repeats", type=int, default=7, help="runs per configuration (median reported)")
-    parser.add_argument("--out", type=Path, default=_RESULTS)
     args = parser.parse_args(argv)
 
     ta_alloc.set_backend("host")
@@ -106,38 +88,40 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ledger.unlink()
     baselines = {threads: statistics.median(samples[i]) for i, (_, mode, threads, _) in enumerate(configs) if mode == "malloc"}
-    rows = []
-    for index, (label, _, threads, _) in enumerate(configs):
+    rows, figures = [], []
+    for index, (label, mode, threads, keys) in enumerate(configs):
         median, baseline = statistics.median(samples[index]), baselines[threads]
         rows.append(
             f"| {threads} | {label} | {median:.1f} | {min(samples[index]):.1f} | {max(samples[index]):.1f} | "
             f"{median / baseline:.2f}x | {median - baseline:+.1f} |"
         )
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/bench_allocator.py", *(argv or sys.argv[1:])])
-    text = (
-        "# Allocator: ns per alloc/free pair, ledger vs bare malloc\n\n"
-        f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-        f"{_machine()}\n\n"
+        figures.append({"threads": threads, "path": label, "mode": mode, "workloads": len(keys),
+                        "ns_per_pair": samples[index], "median_ns": median, "ratio_vs_malloc": median / baseline})
+    table = (
+        "| threads | path | median ns/pair | min | max | ratio vs malloc | overhead ns |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows)
+    )
+    compiler = subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()
+    notes = (
         f"Each run: {args.pairs:,} pairs of one {_BLOCK}-byte block per thread, in the library's C loop "
         "(`torch_arbiter_exercise`, which calls the exported `torch_arbiter_alloc`/`torch_arbiter_free` "
         f"on the host backend, or malloc/free). {args.repeats} runs per row, interleaved; "
         "ns per pair is the mean over the threads of a run; median, min and max over runs. "
-        "Ratio and overhead are against bare malloc with the same number of threads, measured in the same run.\n\n"
-        "| threads | path | median ns/pair | min | max | ratio vs malloc | overhead ns |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n\n"
-        "Two threads on 2 shared vCPUs slow each other down for reasons beyond the ledger (bare "
-        "malloc slows too; other jobs share these cores: see the load average), so compare ratios "
-        "within a row's thread count.\n\n"
+        "Ratio and overhead are against bare malloc with the same number of threads, measured in the same run. "
+        f"Compiler: {compiler[0] if compiler else 'unknown'}; load average at the end (1/5/15 min): "
+        f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} shared cores.\n\n"
+        "Two threads on shared vCPUs slow each other down for reasons beyond the ledger (bare malloc "
+        "slows too; other jobs share these cores), so compare ratios within a thread count.\n\n"
         "What the overhead buys: per pair four atomic read-modify-writes on the shared segment "
         "(CAS on the workload's use, the process's attribution, and their reversal on free) and a "
         "sharded pointer-table insert/remove. On CUDA the library only sees the caching allocator's "
-        "segment allocations (2 MiB and up, each a cudaMalloc of microseconds), so this is noise there.\n"
+        "segment allocations (2 MiB and up, each a cudaMalloc of microseconds), so this is noise there."
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
-    print(text)
+    path = write_results(
+        "allocator", "Allocator: ns per alloc/free pair, ledger vs bare malloc", table,
+        {"pairs_per_run": args.pairs, "repeats": args.repeats, "block_bytes": _BLOCK, "rows": figures}, notes,
+    )
+    print(path.read_text())
     return 0
 
 
