@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from torch_arbiter.cli import main as cli_main
 from torch_arbiter.holo import HoloCheckpoint, HoloTensor
 
 MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
@@ -20,7 +21,7 @@ def _cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_convert_a_safetensors_file_and_inspect(tmp_path):
+def test_convert_a_safetensors_file_and_inspect(tmp_path, capsys):
     gen = torch.Generator().manual_seed(0)
     tensors = {"proj.weight": torch.randn(96, 128, generator=gen), "proj.bias": torch.randn(96, generator=gen),
                "steps": torch.arange(10)}
@@ -35,23 +36,24 @@ def test_convert_a_safetensors_file_and_inspect(tmp_path):
     for name, tensor in tensors.items():
         holo = checkpoint.load_tensor(name)
         assert torch.equal(holo.decode(holo.num_levels), tensor)
-    inspected = _cli("inspect", tmp_path / "holo")
-    assert inspected.returncode == 0 and inspected.stdout.splitlines()[1:] == out.stdout.splitlines()[1:]
-    again = _cli("convert", source, tmp_path / "holo", "--no-progress")
-    assert again.returncode == 2 and "already exists" in again.stderr
-    missing = _cli("inspect", tmp_path / "nothing")
-    assert missing.returncode == 2 and "not a holo checkpoint" in missing.stderr
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "holo")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == out.stdout.splitlines()[1:]
+    assert cli_main(["convert", str(source), str(tmp_path / "holo"), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "not a holo checkpoint" in capsys.readouterr().err
 
 
-def test_convert_refuses_pickle_only_dirs(tmp_path):
+def test_convert_refuses_pickle_only_dirs(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"not unpickled")
-    out = _cli("convert", tmp_path / "src", tmp_path / "dst", "--no-progress")
-    assert out.returncode == 2 and "safetensors" in out.stderr
+    assert cli_main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress"]) == 2
+    assert "safetensors" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
 
 
-def test_convert_a_diffusers_pipeline_dir(tmp_path):
+def test_convert_a_diffusers_pipeline_dir(tmp_path, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
@@ -59,8 +61,8 @@ def test_convert_a_diffusers_pipeline_dir(tmp_path):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=8)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(tmp_path / "pipe")
-    out = _cli("convert", tmp_path / "pipe", tmp_path / "holo", "--no-progress")
-    assert out.returncode == 0, out.stderr
+    assert cli_main(["convert", str(tmp_path / "pipe"), str(tmp_path / "holo"), "--no-progress"]) == 0
+    assert "q=1.000" in capsys.readouterr().out
     checkpoint = HoloCheckpoint.open(tmp_path / "holo")
     assert checkpoint.metadata["kind"] == "diffusers" and checkpoint.metadata["components"] == ["unet"]
     original = load_file(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
