@@ -6,7 +6,7 @@ scikit-learn's 1797 handwritten 8x8 digits, upsampled to 16x16 and scaled to [-1
 cosine noise schedule with 200 train timesteps keeps sampling cheap. An exponential moving
 average of the weights is what gets saved (it samples cleaner digits than the raw weights).
 
-Usage (about 6 min on two shared CPU cores)::
+Usage (about 9 min on one shared CPU core)::
 
     .venv/bin/python scripts/train_digits_ddpm.py                 # writes torch_arbiter/assets/digits_ddpm
     .venv/bin/python scripts/train_digits_ddpm.py --steps 200 --out /tmp/ddpm   # a quick smoke run

@@ -279,14 +279,14 @@ def load_digits_ddpm():
     Raises:
         ModelNotAvailableError: the committed weights are missing (a broken checkout or wheel).
     """
-    from diffusers import DDPMPipeline
-
     if not (DIGITS_DDPM_DIR / "model_index.json").is_file():
         raise ModelNotAvailableError(
             f"the digits DDPM weights are missing from {DIGITS_DDPM_DIR}: restore them with "
             "`git checkout -- torch_arbiter/assets` or retrain with "
             "`python scripts/train_digits_ddpm.py`"
         )
+    from diffusers import DDPMPipeline
+
     pipe = DDPMPipeline.from_pretrained(DIGITS_DDPM_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -319,8 +319,10 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 1024, stride: int 
     """Perplexity of a causal LM on ``text`` with a sliding window (the transformers recipe).
 
     Each forward sees up to ``window`` tokens; only the tokens not scored by the previous
-    window are scored, so every token after the first is scored exactly once with at least
-    ``window - stride`` tokens of context (except near the start).
+    window are scored, so every token after the first is scored at most once, with at least
+    ``window - stride`` tokens of context (except near the start). With ``stride == window``
+    (no overlap, one forward per window: the cheapest) the first token of each window is not
+    scored.
 
     Args:
         model: a transformers causal LM (patched or not).
@@ -355,8 +357,9 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 1024, stride: int 
         begin = max(0, end - window)
         chunk = ids[:, begin:end].to(device)
         logits = model(chunk).logits.float()
-        new = end - previous_end
-        # logits at position i predict token i + 1 of the chunk
+        # Logits at position i predict token i + 1 of the chunk, so the chunk's first token is
+        # never a target: with stride == window one token per window goes unscored.
+        new = min(end - previous_end, end - begin - 1)
         targets = chunk[:, -new:]
         predictions = logits[:, -new - 1:-1, :]
         nll_sum += torch.nn.functional.cross_entropy(

@@ -25,11 +25,11 @@ import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from ..errors import InvalidRequestError, PatchError
 from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
+from ..nn import HoloConv2d, HoloLinear
 from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
@@ -290,15 +290,14 @@ class ManagedModel:
 
     def _attach(self, arbiter, allocation) -> None:
         self.arbiter, self.allocation = arbiter, allocation
-        own = weakref.ref(self)
-        allocation_id = allocation.id
+        own = weakref.ref(self)  # the arbiter must not keep a dropped model alive
 
         def listener(changes) -> None:
             managed = own()
-            if managed is None:
+            if managed is None or not managed.patched:
                 return
             for change in changes:
-                if change.allocation.id == allocation_id and change.allocation is managed.allocation:
+                if change.allocation is managed.allocation:
                     managed.set_quality(min(1.0, max(0.0, change.new_quality)))
 
         self._listener = listener
@@ -318,9 +317,7 @@ class ManagedModel:
         the arbiter was closed or the allocation released elsewhere (then there is nothing to
         release).
         """
-        with self._switch._lock:  # no forward runs while layers are put back
-            while self._switch._running:
-                self._switch._idle.wait()
+        with self._switch.idle():  # no forward runs while the layers are put back
             with self._lock:
                 if not self._patched:
                     return
@@ -381,22 +378,16 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
     """
     components, kind = _components(obj)
     if managed_model_of(obj) is not None or any(
-            isinstance(m, (nn.Module,)) and any(type(sub).__module__.startswith("torch_arbiter.nn")
-                                                 for sub in m.modules())
-            for m in components.values()):
+            isinstance(sub, (HoloLinear, HoloConv2d)) for m in components.values() for sub in m.modules()):
         raise PatchError(f"this {type(obj).__name__} is already patched: use the ManagedModel "
                          "patch() returned, or unpatch() it first")
     checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
-    if checkpoint is not None and kind == "diffusers":
-        prefixes = {component: f"{component}/" for component in components}
-    else:
-        prefixes = {component: "" for component in components}
     swapped: list[SwappedLayer] = []
     hooks: list[SafePointHandle] = []
     managed: ManagedModel | None = None
     try:
         for component, module in components.items():
-            prefix = prefixes[component] if checkpoint is not None else (f"{component}/" if component else "")
+            prefix = f"{component}/" if kind == "diffusers" else ""  # the names `convert` gives
             swapped.extend(apply_holo_swap(
                 module, prefix=prefix, checkpoint=checkpoint, encode_options=dict(encode_options or {}),
                 progress=progress, description=f"patching {component or type(obj).__name__}"))

@@ -27,9 +27,10 @@ mid-forward, it may be applied late).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from torch import nn
 
@@ -105,6 +106,16 @@ class SafePointSwitch(Generic[T]):
         with self._idle:
             return self._idle.wait_for(lambda: not self._has_pending, timeout)
 
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """Hold the switch with no guarded forward running (waits for running ones to end).
+
+        New forwards wait at :meth:`enter` until the block ends. Used to take hooks off safely.
+        """
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0)
+            yield
+
     def enter(self) -> None:
         """Mark the start of a guarded forward (applies a pending value first if none runs)."""
         with self._lock:
@@ -116,8 +127,10 @@ class SafePointSwitch(Generic[T]):
         """Mark the end of a guarded forward (applies a pending value if it was the last one)."""
         with self._lock:
             self._running -= 1
-            if self._running == 0 and self._has_pending:
-                self._flush_locked()
+            if self._running == 0:
+                if self._has_pending:
+                    self._flush_locked()
+                self._idle.notify_all()
 
     def _flush_locked(self) -> None:
         value, self._pending, self._has_pending = self._pending, None, False
