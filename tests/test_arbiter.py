@@ -179,6 +179,21 @@ def test_reclaim_grows_a_budget_at_the_expense_of_lower_priorities(arbiter):
     assert snapshot(arbiter) == before
 
 
+def test_reclaim_holds_the_callers_quality_and_never_suspends_anyone():
+    with Arbiter(ArbiterConfig.for_vram_gb(1, allow_preemption=False)) as arb:
+        MIB = 1 << 20
+        chat = arb.request_allocation_blocking(LLM, Priority.LOW, bytes=400 * MIB, activation_bytes=0, name="chat")
+        image = arb.request_allocation_blocking(IMAGE, Priority.HIGH, bytes=500 * MIB, activation_bytes=0, name="image")
+        for ask in (40, 300, 200, 100, 50):
+            before_q, before_b = image.quality, image.granted_bytes
+            ok = arb.reclaim(image, ask * MIB)
+            assert chat.state is AllocationState.ACTIVE and chat.quality >= chat.min_quality
+            if ok:
+                assert image.granted_bytes >= before_b + ask * MIB and image.quality >= before_q
+            else:
+                assert (image.quality, image.granted_bytes) == (before_q, before_b)
+
+
 def test_memory_taken_by_another_process_triggers_a_rebalance():
     tracker = GpuMemoryTracker("cpu", 16 * GIB)
     with Arbiter(ArbiterConfig.for_vram_gb(16, monitor_interval_s=0.02), tracker=tracker) as arb:
@@ -211,7 +226,7 @@ def test_threads_hammering_never_break_the_budget(arbiter):
         try:
             for i in range(40):
                 a = arbiter.request_allocation_blocking(
-                    [LLM, IMAGE, VIDEO][(seed + i) % 3], Priority((seed * 7 + i) % 5), bytes=(1 + (seed + i) % 6) * GIB, timeout=10
+                    [LLM, IMAGE, VIDEO][(seed + i) % 3], Priority((seed * 7 + i) % 5), bytes=(1 + (seed + i) % 6) * GIB, timeout=120
                 )
                 if i % 5 == 0:
                     arbiter.update_priority(a, Priority((i + seed) % 5))

@@ -427,18 +427,19 @@ class Arbiter:
         self._notify(changes)
 
     def reclaim(self, allocation: "Allocation | int", nbytes: int) -> bool:
-        """Grow an active allocation's activation reserve by lowering lower-priority workloads.
+        """Grow an active allocation's budget by ``nbytes`` by lowering lower-priority workloads.
 
-        Used by out-of-memory recovery: the workload hit its budget, so it asks
-        for ``nbytes`` more at the expense of others (floors are kept).
+        Used by out-of-memory recovery: the workload hit its budget in the middle of a
+        forward, when its own weights cannot shrink, so its quality is held where it is and
+        the bytes must come from others' quality above their floors. Nobody is suspended.
 
         Args:
             allocation: the allocation that ran out.
-            nbytes: extra bytes needed (> 0).
+            nbytes: extra bytes needed (> 0); kept as part of its activation reserve.
 
         Returns:
-            True when granted (the allocation's ``granted_bytes`` grew); False
-            when it cannot be done without breaking a floor (nothing changed).
+            True when its ``granted_bytes`` grew by ``nbytes``; False when that cannot be
+            done without breaking a floor or suspending someone (then nothing changed).
         """
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise InvalidRequestError(f"nbytes must be a positive byte count, got {nbytes!r}")
@@ -446,9 +447,11 @@ class Arbiter:
             target = self._resolve(allocation)
             if target.state is not AllocationState.ACTIVE:
                 return False
+            wanted = target.granted_bytes + nbytes
             target.activation_bytes += nbytes
-            plan = self._plan_locked()
-            if not plan[target.id].admitted:
+            plan = self._plan_locked(hold={target.id: target.quality})
+            active = [a.id for a in self._allocations.values() if a.state is AllocationState.ACTIVE]
+            if not all(plan[k].admitted for k in active) or plan[target.id].granted_bytes < wanted:
                 target.activation_bytes -= nbytes
                 return False
             changes = self._apply_locked(plan)
@@ -569,12 +572,13 @@ class Arbiter:
     def _capacity(self, reading) -> int:
         return max(0, reading.total_bytes - self.config.reserve_bytes - reading.external_bytes)
 
-    def _plan_locked(self):
+    def _plan_locked(self, hold: dict[int, float] | None = None):
+        hold = hold or {}
         budgets = [
             QualityBudget(
                 key=a.id,
                 priority=a.priority,
-                floor=a.min_quality,
+                floor=max(a.min_quality, hold.get(a.id, 0.0)),
                 full_bytes=a.full_bytes,
                 activation_bytes=a.activation_bytes,
                 sequence=a.sequence,
