@@ -26,16 +26,11 @@ def fresh_smollm2():
 
 
 @pytest.fixture(scope="session")
-def smollm2_holo_dir(tmp_path_factory):
-    """SmolLM2 converted once per session with ``torch_arbiter.holo.convert`` (the slow encode).
-
-    Tests patch fresh models from it (``patch(model, holo_dir=...)``) instead of encoding again.
-    """
-    from torch_arbiter.holo.convert import convert
-
-    destination = tmp_path_factory.mktemp("smollm2_holo") / "holo"
-    convert(models.smollm2_checkpoint_dir(), destination, progress=False)
-    return destination
+def smollm2_holo_dir():
+    """SmolLM2 converted to a holo checkpoint (``models.smollm2_holo_dir``: encoded once, cached
+    across sessions until the codec's source changes). Patch fresh models from it
+    (``patch(model, holo_dir=...)``) instead of encoding again."""
+    return models.smollm2_holo_dir()
 
 
 @pytest.fixture(scope="session")

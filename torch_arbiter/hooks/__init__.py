@@ -6,7 +6,8 @@ One file per technique, in the style of ``diffusers.hooks``: each has a named ho
 - :mod:`.holo_swap`: swap ``nn.Linear`` / ``nn.Conv2d`` for Holo modules (and back, bit for bit);
 - :mod:`.safe_point`: apply a new quality only between forward calls of the top modules;
 - :mod:`.managed`: :func:`patch` and :class:`ManagedModel` (planning, arbiter registration);
-- :mod:`.transformers_quantizer`: ``HoloTensorConfig`` for ``from_pretrained(quantization_config=...)``.
+- :mod:`.transformers_quantizer`: ``HoloTensorConfig`` for ``from_pretrained(quantization_config=...)``
+  and ``from_holo_pretrained`` (imported on first use: it imports transformers).
 """
 
 from .holo_swap import HOLO_SWAP_HOOK, SwappedLayer, apply_holo_swap, find_swappable, remove_holo_swap
@@ -26,4 +27,18 @@ __all__ = [
     "SafePointSwitch",
     "SafePointHandle",
     "apply_safe_point_hook",
+    "HoloTensorConfig",
+    "HoloQuantizer",
+    "from_holo_pretrained",
 ]
+
+_TRANSFORMERS_GLUE = ("HoloTensorConfig", "HoloQuantizer", "from_holo_pretrained")
+
+
+def __getattr__(name: str):
+    # The transformers glue imports transformers (seconds): only when asked for.
+    if name in _TRANSFORMERS_GLUE:
+        from . import transformers_quantizer
+
+        return getattr(transformers_quantizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

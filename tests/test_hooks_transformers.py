@@ -1,0 +1,83 @@
+"""transformers glue: HoloTensorConfig through from_pretrained, and loading a converted dir (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torch_arbiter import Arbiter, ArbiterConfig, WorkloadType
+from torch_arbiter.errors import InvalidRequestError, PatchError
+from torch_arbiter.hooks import managed_model_of
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A small random Llama saved as a transformers dir, and its reference logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_llama") / "src"
+    model.save_pretrained(path)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return path, tokens, logits
+
+
+def test_from_pretrained_with_holo_config_patches_and_registers(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from torch_arbiter.hooks import HoloTensorConfig
+
+    path, tokens, expected = tiny_llama_dir
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(2))  # virtual: room for the kind's activation reserve
+    config = HoloTensorConfig(workload=WorkloadType.LLM_INFERENCE, priority="high", arbiter=arbiter)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, local_files_only=True)
+    managed = managed_model_of(model)
+    try:
+        assert managed is not None and managed.arbiter is arbiter and managed.allocation is not None
+        assert len(managed.levels) == 15  # 2 x 7 projections + the untied head
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, expected)
+        managed.set_quality(managed.min_quality)
+        with torch.no_grad():
+            lowered = model(tokens).logits
+        assert not torch.equal(lowered, expected)
+        assert torch.nn.functional.cosine_similarity(lowered.flatten(), expected.flatten(), dim=0) > 0.95
+        assert json.loads(model.config.to_json_string())["quantization_config"]["quant_method"] == "holo"
+    finally:
+        managed.unpatch()
+    assert managed.allocation.released
+
+
+def test_a_converted_dir_loads_through_from_holo_pretrained(tiny_llama_dir, tmp_path):
+    from torch_arbiter.holo.convert import convert
+    from torch_arbiter.hooks import HoloTensorConfig, from_holo_pretrained
+
+    path, tokens, expected = tiny_llama_dir
+    convert(path, tmp_path / "holo", progress=False)
+    model = from_holo_pretrained(tmp_path / "holo", quantization_config=HoloTensorConfig(register=False, quality=0.5))
+    managed = managed_model_of(model)
+    try:
+        assert managed.quality == pytest.approx(0.5) and managed.resident_bytes == managed.bytes_at(0.5)
+        managed.set_quality(1.0)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, expected)
+    finally:
+        managed.unpatch()
+    (tmp_path / "holo" / "config.json").unlink()
+    with pytest.raises(PatchError, match="no config.json"):
+        from_holo_pretrained(tmp_path / "holo")
+
+
+@pytest.mark.parametrize("kwargs", [{"workload": "painting"}, {"priority": "urgent"}, {"quality": 1.5}])
+def test_holo_config_rejects_bad_fields(kwargs):
+    from torch_arbiter.hooks import HoloTensorConfig
+
+    with pytest.raises(InvalidRequestError):
+        HoloTensorConfig(**kwargs)

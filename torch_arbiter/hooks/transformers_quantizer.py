@@ -1,0 +1,193 @@
+"""transformers glue: ``from_pretrained(..., quantization_config=HoloTensorConfig(...))``.
+
+Importing this module registers the quantization method ``"holo"`` with transformers
+(``register_quantization_config`` / ``register_quantizer``). Then
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=HoloTensorConfig())
+
+loads the weights as usual and, once they are in place, runs :func:`torch_arbiter.patch` on the
+model: its layers become Holo modules and it is registered with the arbiter. The
+:class:`~torch_arbiter.hooks.ManagedModel` is reached with
+:func:`~torch_arbiter.hooks.managed_model_of`.
+
+A directory made by ``torch-arbiter convert`` holds fragments, not a transformers weight file, so
+:func:`from_holo_pretrained` loads it: it takes each tensor's exact top level as the state dict
+and patches from the checkpoint's fragments (nothing is encoded again).
+
+Limits: a patched model cannot be saved with ``save_pretrained`` (convert the source instead);
+the arbiter object itself is not part of the serialisable config (pass it as ``arbiter=``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..errors import InvalidRequestError, PatchError
+from ..priority import Priority, WorkloadType
+
+__all__ = ["HOLO_QUANT_METHOD", "HoloTensorConfig", "HoloQuantizer", "from_holo_pretrained"]
+
+HOLO_QUANT_METHOD = "holo"
+"""The ``quant_method`` name registered with transformers."""
+
+
+class HoloTensorConfig(QuantizationConfigMixin):
+    """Quantization config that makes a transformers model's quality live (method ``"holo"``).
+
+    Args:
+        workload: a ``WorkloadType`` name (``"llm_inference"``, ...) or member.
+        priority: a ``Priority`` name, value or member.
+        name: the workload's name in the arbiter's state.
+        holo_dir: read fragments from this converted checkpoint instead of encoding.
+        group_size: encode option (weights per scale group).
+        rank: encode option (``"auto"``, 0 or a rank).
+        register: False patches without registering with an arbiter.
+        quality: with ``register=False``, the quality to start at (default 1).
+        arbiter: the arbiter to register with (not serialised); None takes the default one.
+
+    Raises:
+        InvalidRequestError: an unknown workload or priority, or a quality outside [0, 1].
+    """
+
+    def __init__(self, workload: Any = "llm_inference", priority: Any = "normal", name: str | None = None,
+                 holo_dir: str | os.PathLike | None = None, group_size: int = 64, rank: Any = "auto",
+                 register: bool = True, quality: float | None = None, arbiter=None, **unused: Any):
+        self.quant_method = HOLO_QUANT_METHOD
+        self.workload = _workload_name(workload)
+        self.priority = Priority.coerce(priority).name.lower()
+        self.name = name
+        self.holo_dir = str(holo_dir) if holo_dir is not None else None
+        self.group_size = group_size
+        self.rank = rank
+        self.register = bool(register)
+        if quality is not None and not (isinstance(quality, (int, float)) and 0.0 <= quality <= 1.0):
+            raise InvalidRequestError(f"HoloTensorConfig quality must be in [0, 1], got {quality!r}")
+        self.quality = quality
+        self._arbiter = arbiter
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields (the arbiter object is left out)."""
+        return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+
+    def __deepcopy__(self, memo):
+        clone = self.__class__(**self.to_dict())
+        clone._arbiter = self._arbiter  # one arbiter per process: share it, never copy it
+        return clone
+
+
+def _workload_name(workload: Any) -> str:
+    if isinstance(workload, WorkloadType):
+        return workload.value.name
+    names = {member.value.name: member for member in WorkloadType}
+    if isinstance(workload, str) and workload.lower() in names:
+        return workload.lower()
+    raise InvalidRequestError(
+        f"unknown workload {workload!r} for HoloTensorConfig: use one of {sorted(names)}")
+
+
+class HoloQuantizer(HfQuantizer):
+    """transformers quantizer for :class:`HoloTensorConfig`: patch the model after its weights load."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: HoloTensorConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        # A config read back from config.json says "holo" but must not be re-applied blindly:
+        # weights saved from a patched model do not exist (is_serializable is False).
+        self.pre_quantized = False
+
+    def validate_environment(self, *args: Any, device_map=None, **kwargs: Any) -> None:
+        """Refuse device maps that split the model: the safe points guard one top module."""
+        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+            raise PatchError("HoloTensorConfig needs the whole model on one device; drop device_map "
+                             "or map every module to the same device")
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from .managed import patch
+
+        config: HoloTensorConfig = self.quantization_config
+        workload = next(m for m in WorkloadType if m.value.name == config.workload)
+        managed = patch(model, getattr(config, "_arbiter", None), workload=workload, priority=config.priority,
+                        name=config.name, holo_dir=config.holo_dir,
+                        encode_options={"group_size": config.group_size, "rank": config.rank},
+                        register=config.register)
+        if not config.register and config.quality is not None:
+            managed.set_quality(config.quality)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        """False: save the source model and convert it; fragments are not a transformers format."""
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        """False: Holo layers are inference only."""
+        return False
+
+
+def _register() -> None:
+    if HOLO_QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(HOLO_QUANT_METHOD)(HoloTensorConfig)
+    if HOLO_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(HOLO_QUANT_METHOD)(HoloQuantizer)
+
+
+_register()
+
+
+def from_holo_pretrained(holo_dir: str | os.PathLike, model_class=None, *,
+                         quantization_config: HoloTensorConfig | None = None, **kwargs: Any):
+    """Load a transformers model from a directory made by ``torch-arbiter convert``, live.
+
+    Args:
+        holo_dir: the converted directory (``holo_index.json``, fragments, ``config.json``).
+        model_class: a transformers auto class or model class (default ``AutoModelForCausalLM``).
+        quantization_config: a :class:`HoloTensorConfig` (its ``holo_dir`` is set to ``holo_dir``).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ...).
+
+    Returns:
+        The patched model; ``managed_model_of(model)`` gives its :class:`ManagedModel`.
+
+    Raises:
+        FormatError: ``holo_dir`` is not a holo checkpoint.
+        PatchError: it has no ``config.json`` (it was not converted from a transformers model).
+    """
+    from ..holo import HoloCheckpoint, HoloTensor
+
+    root = Path(holo_dir)
+    checkpoint = HoloCheckpoint.open(root)
+    if not (root / "config.json").is_file():
+        raise PatchError(f"{root} has no config.json: convert a transformers model directory to load "
+                         "it with from_holo_pretrained")
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    state_dict = {}
+    for name in checkpoint.tensor_names():
+        loaded = checkpoint.load_tensor(name)
+        state_dict[name] = loaded.fragment("exact") if isinstance(loaded, HoloTensor) else loaded
+    for alias, stored in checkpoint.metadata.get("tied", {}).items():
+        state_dict[alias] = state_dict[stored]
+    from transformers import AutoConfig
+
+    holo_config = quantization_config or HoloTensorConfig()
+    holo_config.holo_dir = str(root)
+    model_config = AutoConfig.from_pretrained(root, local_files_only=True)
+    if hasattr(model_class, "_model_mapping"):  # an Auto class: pick the concrete class from the config
+        try:
+            model_class = model_class._model_mapping[type(model_config)]
+        except KeyError:
+            raise PatchError(f"{model_class.__name__} cannot build a {type(model_config).__name__} "
+                             f"({root}); pass the right model_class") from None
+    # transformers takes a state dict only without a model path: the config says what to build.
+    return model_class.from_pretrained(None, config=model_config, state_dict=state_dict,
+                                       quantization_config=holo_config, **kwargs)
