@@ -195,7 +195,8 @@ def remove_holo_swap(layers: Iterable[SwappedLayer]) -> None:
         original, holo = layer.original, layer.holo
         device = holo.bias.device if holo.bias is not None else holo._device_probe.device
         exact = holo.holo.fragment("exact")
-        original.weight.data = exact.clone() if exact.device == device else exact.to(device)
+        # The HoloTensor is dropped after this, so its exact fragment can become the weight again.
+        original.weight.data = exact if exact.device == device else exact.to(device)
         if original.bias is not None:
             original.bias.data = holo.bias.detach().clone()
         setattr(layer.parent, layer.attribute, original)
