@@ -22,12 +22,16 @@ def _rel(a, b):
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     group=st.sampled_from([32, 64]),
     seed=st.integers(0, 3),
+    rotate=st.sampled_from(["auto", True, False]),
 )
-def test_round_trip_any_shape_and_dtype(out, inp, dtype, group, seed):
+def test_round_trip_any_shape_and_dtype(out, inp, dtype, group, seed, rotate):
     weight = (torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype)
-    holo = HoloTensor.encode(weight, group_size=group, min_numel=64, rank=0, seed=seed)
+    before = weight.clone()
+    holo = HoloTensor.encode(weight, group_size=group, min_numel=64, rank=0, seed=seed,
+                             rotate=rotate)
+    assert torch.equal(weight, before), "encode must not modify its input"
     top = holo.num_levels
-    assert torch.equal(holo.decode(top), weight)
+    assert torch.equal(holo.decode(top), before)
     assert holo.decode(top).dtype == dtype
     assert holo.full_bytes == weight.numel() * weight.element_size()
     assert holo.level_bytes(0) == 0
@@ -68,6 +72,21 @@ def test_round_to_nearest_is_not_better_at_the_same_bytes():
     step = (high - low) / 15
     rtn = (((groups - low) / step).round().clamp(0, 15) * step + low).reshape(weight.shape)
     assert holo.level_fidelity(1)["rel_error"] < _rel(rtn, weight)
+
+
+def test_weights_on_a_4bit_grid_are_kept_unrotated():
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (128, 256), generator=gen).float()
+    scale = torch.rand(128, 4, 1, generator=gen).add(0.5).repeat_interleave(64, 1).reshape(128, 256) * 0.01
+    weight = (codes - 7.3) * scale  # a dequantised 4-bit code, groups of 64 along the input
+    before = weight.clone()
+    holo = HoloTensor.encode(weight, rank=0)
+    assert torch.equal(weight, before)
+    assert holo.meta["rotated"] is False and holo.meta["block"] == 1
+    assert holo.level_fidelity(1)["rel_error"] < 0.01
+    assert _rel(holo.decode(1), weight) < 0.01
+    assert HoloTensor.encode(weight, rank=0, rotate=True).level_fidelity(1)["rel_error"] > 0.05
+    assert HoloTensor.encode(torch.randn(128, 256), rank=0).meta["rotated"] is True
 
 
 def test_rank_branch_kept_when_it_pays_and_decodes():

@@ -12,6 +12,9 @@ read the same way). ``K`` is zero-padded to ``Kp``, a multiple of the group size
    outliers over the group so a uniform grid fits it; being orthonormal it keeps the Frobenius
    error, and a layer can rotate its *input* instead of un-rotating the weight:
    ``x · W^T = ((x ⊙ s) · H) · W_rot^T``.
+   The encoder measures level 1 with and without the rotation (same bytes) and keeps the better:
+   weights already on a grid (a dequantised GGUF) quantise better unrotated. Unrotated tensors
+   record ``block`` 1 and all-plus signs, so every reader treats both alike.
 2. *Nested 8-bit code per group* of ``group_size`` (64 by default) along the rotated input
    dimension. Level 1 is a 4-bit asymmetric round-to-nearest code (``hi`` nibble) with a scale and
    zero per group, stored in bf16 in exactly the ``[K/g, out, 2]`` layout of torch's int4 weight-only
@@ -287,7 +290,7 @@ class HoloTensor:
 
     @classmethod
     def encode(cls, tensor: torch.Tensor, *, group_size: int = 64, rank: int | str = "auto",
-               seed: int = 0, min_numel: int = 4096,
+               rotate: bool | str = "auto", seed: int = 0, min_numel: int = 4096,
                calibration: torch.Tensor | None = None) -> "HoloTensor":
         """Encode a weight into nested levels.
 
@@ -300,6 +303,8 @@ class HoloTensor:
                 2 (32, 64, 128, 256 keep torch's int4 kernels usable).
             rank: ``"auto"`` (build a low-rank branch and keep it only if it measures better per
                 byte), ``0`` (never), or a positive rank to force.
+            rotate: ``"auto"`` (rotate unless quantising unrotated measures a lower level-1
+                error, e.g. weights already on a 4-bit grid), ``True`` or ``False``. Same bytes.
             seed: seed of the random signs of the rotation.
             min_numel: tensors smaller than this are kept exact only.
             calibration: optional ``[m, K]`` input activations of the layer; then every level
@@ -317,6 +322,8 @@ class HoloTensor:
             raise InvalidRequestError(f"group_size must be an even int >= 2, got {group_size!r}")
         if not (rank == "auto" or (isinstance(rank, int) and rank >= 0)):
             raise InvalidRequestError(f"rank must be 'auto' or an int >= 0, got {rank!r}")
+        if rotate not in ("auto", True, False):
+            raise InvalidRequestError(f"rotate must be 'auto', True or False, got {rotate!r}")
         original = tensor.detach()
         meta = {
             "shape": list(original.shape),
@@ -333,7 +340,7 @@ class HoloTensor:
                                  "fidelity": {"rel_error": 0.0, **({"out_rel_error": 0.0}
                                                                   if calibration is not None else {})}}])
             return cls(meta, {"exact": exact})
-        return cls(*_encode_nested(original, exact, meta, group_size, rank, seed, calibration))
+        return cls(*_encode_nested(original, exact, meta, group_size, rank, rotate, seed, calibration))
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -462,7 +469,7 @@ def dequantize_codes(hi: torch.Tensor, lo: torch.Tensor | None, scales: torch.Te
 
 
 def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, group_size: int,
-                   rank: int | str, seed: int, calibration: torch.Tensor | None):
+                   rank: int | str, rotate: bool | str, seed: int, calibration: torch.Tensor | None):
     weight = original.reshape(original.shape[0], -1).float()
     out, in_features = weight.shape
     padded = -(-in_features // group_size) * group_size
@@ -479,28 +486,40 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
                 "pass the layer's own input activations")
     weight_norm = torch.linalg.vector_norm(weight).item() or 1.0
 
-    def rotated(matrix: torch.Tensor) -> torch.Tensor:
+    identity = torch.ones(padded, dtype=torch.int8)
+
+    def rotated(matrix: torch.Tensor, turn: bool) -> torch.Tensor:
+        """A new [rows, Kp] tensor (quantisation consumes it; never the caller's weight)."""
         if padded != in_features:
             matrix = torch.nn.functional.pad(matrix, (0, padded - in_features))
-        return rotate_input(matrix, signs_dev, block)
+        elif not turn:
+            return matrix.clone()
+        return rotate_input(matrix, signs_dev, block) if turn else matrix
 
     r, left, right = 0, None, None
     if rank != 0:
         r = _auto_rank(out, in_features) if rank == "auto" else min(rank, out, in_features)
     if r:
         left, right = _low_rank(weight, r, seed)
-        if rank == "auto":
-            # Decide on a row sample (groups are row-local, so the error estimate is unbiased):
-            # keep the branch only if it beats spending its bytes on precision (1 bit = 2x error).
-            rows = torch.arange(0, out, max(1, out // 2048), device=weight.device)
-            sample = weight[rows]
-            plain_err = _quantize_groups(rotated(sample), group_size)[3]
-            rank_err = _quantize_groups(rotated(sample - left[rows].float() @ right.float()), group_size)[3]
+    turn = rotate is not False
+    if rotate == "auto" or (rank == "auto" and r):
+        # Decide on a row sample (groups are row-local, so the error estimate is unbiased).
+        rows = torch.arange(0, out, max(1, out // 2048), device=weight.device)
+        sample = weight[rows]
+        if rotate == "auto":  # same bytes either way: keep whichever measures lower error
+            turn = _quantize_groups(rotated(sample, True), group_size)[3] <= \
+                _quantize_groups(rotated(sample, False), group_size)[3]
+        if rank == "auto" and r:
+            # Keep the rank branch only if it beats spending its bytes on precision (1 bit = 2x error).
+            plain_err = _quantize_groups(rotated(sample, turn), group_size)[3]
+            rank_err = _quantize_groups(rotated(sample - left[rows].float() @ right.float(), turn), group_size)[3]
             extra_bits = r * (out + in_features) * 2 * 8 / (out * padded)
             if not rank_err < plain_err * 4.0 ** (-extra_bits):  # squared errors: 4x per bit
                 r, left, right = 0, None, None
+    if not turn:
+        signs, signs_dev, block = identity, identity.to(weight.device), 1
     target = weight - left.float() @ right.float() if r else weight
-    scales, hi, lo, err4, err8 = _quantize_groups(rotated(target), group_size)
+    scales, hi, lo, err4, err8 = _quantize_groups(rotated(target, turn), group_size)
     del target
 
     fragments = {"signs": signs, "scales": scales.cpu(), "hi": pack_nibbles(hi).cpu()}
@@ -518,9 +537,9 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
     # error there that never reaches the output, so with padding this slightly over-reports.
     fidelity = [{"rel_error": math.sqrt(e) / weight_norm} for e in (err4, err8)]
     if calib is not None:
-        rotated_x = rotated(calib)
+        rotated_x = rotated(calib, turn)
         reference = torch.linalg.vector_norm(calib @ weight.t()).item() or 1.0
-        target_out = rotated_x @ rotated(weight).t()
+        target_out = rotated_x @ rotated(weight, turn).t()
         for fid, lo_codes in zip(fidelity, (None, lo)):
             approx = dequantize_codes(hi, lo_codes, scales, group_size, torch.float32)
             approx_out = rotated_x @ approx.t()
@@ -529,7 +548,7 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
             fid["out_rel_error"] = torch.linalg.vector_norm(approx_out - target_out).item() / reference
     meta.update(
         scheme="nested4x2", in_features=in_features, padded_features=padded, group_size=group_size,
-        block=block, seed=seed, rank=r,
+        block=block, rotated=turn, seed=seed, rank=r,
         fragments={name: {"level": level, "kind": kind} for name, (level, kind) in specs.items()},
     )
     level1 = sum(fragments[n].numel() * fragments[n].element_size()
