@@ -154,7 +154,8 @@ class _HoloModule(nn.Module):
         return matrix.reshape(self.holo.shape)
 
     def _original_weight(self) -> nn.Parameter:
-        return nn.Parameter(self.holo.fragment("exact").clone(), requires_grad=self._weight_requires_grad)
+        # The exact fragment itself (no copy): restoring a model must not double its memory.
+        return nn.Parameter(self.holo.fragment("exact"), requires_grad=self._weight_requires_grad)
 
     def _original_bias(self) -> nn.Parameter | None:
         if self.bias is None:
@@ -167,7 +168,6 @@ class HoloLinear(_HoloModule):
 
     Build with :meth:`from_linear`. ``forward`` matches ``nn.Linear`` (bit for bit at the top level).
     """
-
 
     def __init__(self, holo: HoloTensor, bias: torch.Tensor | None = None, *,
                  weight_requires_grad: bool = True, level: int | None = None):
@@ -207,7 +207,10 @@ class HoloLinear(_HoloModule):
         return module.to(linear.weight.device)
 
     def to_original(self) -> nn.Linear:
-        """An ``nn.Linear`` bit-identical to the one encoded, on this module's device."""
+        """An ``nn.Linear`` bit-identical to the one encoded, on this module's device.
+
+        On the CPU its weight shares storage with the exact fragment (no copy).
+        """
         exact = self.holo.fragment("exact")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=exact.dtype)
