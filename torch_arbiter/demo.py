@@ -1,12 +1,21 @@
-"""The main job, ``torch-arbiter demo``: workloads share one device under one arbiter.
+"""The main job, ``torch-arbiter demo``: a chat LLM and an image model share one device.
 
-On a machine without a GPU the device is virtual (``ArbiterConfig.for_vram_gb``):
-quality is enforced by weight residency, not per CUDA allocation.
+SmolLM2-135M-Instruct (transformers) and the repository's digits DDPM (diffusers) are each
+patched with one line, registered with one :class:`~torch_arbiter.arbiter.Arbiter`, and run
+while priorities and the memory used by "another process" change. Every step prints each
+model's quality, the weight bytes it really holds, and what it produced at that quality.
+
+On a machine without a GPU the device is virtual (``ArbiterConfig.for_vram_gb``): the budget
+is enforced by weight residency (what each model keeps resident), not per CUDA allocation.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
+
+import torch
 
 from .arbiter import Arbiter, ArbiterConfig
 from .memory import GpuMemoryTracker
@@ -14,55 +23,120 @@ from .priority import Priority, WorkloadType
 
 __all__ = ["run_demo"]
 
-_GIB = 1 << 30
+_MIB = 1 << 20
+_PROMPT = "The capital of France is"
 
 
-def _print_state(arbiter: Arbiter, label: str) -> None:
+def _smollm2_holo_dir() -> Path:
+    """SmolLM2 converted once into the model cache (encoding is the slow part; reuse it)."""
+    from .holo.convert import convert
+    from .models import cache_dir, smollm2_checkpoint_dir
+
+    target = cache_dir() / "smollm2-135m-instruct-holo"
+    if not (target / "holo_index.json").is_file():
+        print(f"converting SmolLM2 into HoloTensor fragments once (cached in {target}) ...")
+        convert(smollm2_checkpoint_dir(), target, overwrite=target.exists())
+    return target
+
+
+def _answer(model, tokenizer, new_tokens: int) -> str:
+    batch = tokenizer(_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _digits(pipe, steps: int):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(batch_size=4, generator=generator, num_inference_steps=steps, output_type="np").images
+
+
+def _print_state(arbiter: Arbiter, managed: dict, label: str) -> None:
     state = arbiter.state()
     print(f"\n== {label}")
-    print(f"   device {state.total_bytes / _GIB:.1f} GiB, others {state.external_bytes / _GIB:.1f} GiB, "
-          f"granted {state.granted_bytes / _GIB:.2f} GiB, pressure {state.pressure.name}")
+    print(f"   device {state.total_bytes / _MIB:.0f} MiB, other processes {state.external_bytes / _MIB:.0f} MiB, "
+          f"granted {state.granted_bytes / _MIB:.0f} MiB ({state.pressure.name} pressure)")
     for w in state.workloads:
-        weights = int(w.quality * w.full_bytes)
-        print(f"   {w.name:<8} {w.priority.name:<10} {w.state.value:<9} quality {w.quality:5.3f}  "
-              f"weights {weights / _GIB:5.2f} of {w.full_bytes / _GIB:.1f} GiB + activations "
-              f"{(w.granted_bytes - weights) / _GIB:.1f} GiB")
+        model = managed[w.name]
+        print(f"   {w.name:<6} {w.priority.name:<10} target {w.quality:5.3f}  in effect {model.quality:5.3f}  "
+              f"resident weights {model.resident_bytes / _MIB:6.1f} of {model.full_bytes / _MIB:6.1f} MiB")
 
 
 def run_demo(vram_gb: float | None = None, quick: bool = False) -> int:
-    """Run the scripted arbitration scenario and print each workload's quality at every step.
+    """Run the two-model scenario and print qualities, resident bytes and outputs at each step.
 
     Args:
-        vram_gb: size of the virtual device (default 16 GiB).
-        quick: accepted for the tests; the scenario is short either way.
+        vram_gb: size of the virtual device in GiB; default: 80 % of what both models need at
+            full quality (so someone must give way).
+        quick: fewer generated tokens and denoising steps (used by the tests).
 
     Returns:
         0 on success.
     """
-    gb = vram_gb or 16.0
-    tracker = GpuMemoryTracker("cpu", int(gb * _GIB))
-    config = ArbiterConfig.for_vram_gb(gb, monitor_interval_s=0.02)
-    print(f"torch-arbiter demo: one virtual {gb:g} GiB device (no GPU here: the budget is enforced by "
-          "weight residency; on CUDA the pluggable allocator enforces it per allocation)")
-    with Arbiter(config, tracker=tracker) as arbiter:
-        chat = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.USER_FACING, name="chat")
-        _print_state(arbiter, "a chat model asks for memory (USER_FACING)")
-        image = arbiter.request_allocation_blocking(WorkloadType.IMAGE_GENERATION, Priority.BACKGROUND, name="image")
-        _print_state(arbiter, "an image model joins at BACKGROUND: it is lowered, the chat keeps its quality")
-        tracker.set_external_bytes(4 * _GIB)
-        _wait_for(lambda: arbiter.stats().rebalances >= 3)
-        _print_state(arbiter, "another process takes 4 GiB: the monitor notices and lowers the image model")
-        arbiter.update_priority(image, Priority.CRITICAL)
-        _print_state(arbiter, "the user clicks 'generate': the image model becomes CRITICAL")
+    from .hooks import patch
+    from .models import load_digits_ddpm, load_smollm2, perplexity, psnr, reference_text
+
+    tokens, steps = (6, 8) if quick else (16, 25)
+    llm, tokenizer = load_smollm2()
+    pipe = load_digits_ddpm()
+    reference_digits = _digits(pipe, steps)
+    text = reference_text()
+    reference_ppl = perplexity(llm, tokenizer, text, max_tokens=128, stride=128, window=128)
+    llm_bytes = sum(p.nbytes for p in llm.parameters())
+    unet_bytes = sum(p.nbytes for p in pipe.unet.parameters())
+    activations = {"chat": 32 * _MIB, "image": 16 * _MIB}
+    device_bytes = int(vram_gb * (1 << 30)) if vram_gb else int(0.8 * (llm_bytes + unet_bytes + sum(activations.values())))
+    tracker = GpuMemoryTracker("cpu", device_bytes)
+    print(f"torch-arbiter demo: SmolLM2-135M (chat) and a digits DDPM (image) on one virtual "
+          f"{device_bytes / _MIB:.0f} MiB device.\nNo GPU here: the budget is enforced by weight residency; "
+          "on CUDA the pluggable allocator also enforces it on every allocation.")
+
+    with Arbiter(ArbiterConfig(vram_bytes=device_bytes, monitor_interval_s=0.05), tracker=tracker) as arbiter:
+        chat = patch(llm, arbiter, workload=WorkloadType.LLM_INFERENCE, priority=Priority.USER_FACING,
+                     name="chat", holo_dir=_smollm2_holo_dir(), activation_bytes=activations["chat"])
+        image = patch(pipe, arbiter, workload=WorkloadType.IMAGE_GENERATION, priority=Priority.BACKGROUND,
+                      name="image", activation_bytes=activations["image"], progress=False)
+        managed = {"chat": chat, "image": image}
+
+        def show_outputs() -> None:
+            ppl = perplexity(llm, tokenizer, text, max_tokens=128, stride=128, window=128)
+            print(f"   chat  > {_PROMPT} {_answer(llm, tokenizer, tokens)!r}  (perplexity {ppl:.2f}, "
+                  f"full quality {reference_ppl:.2f})")
+            if image.patched:
+                score = psnr(_digits(pipe, steps), reference_digits)
+                verdict = "identical to full quality" if score == float("inf") else f"PSNR vs full quality {score:.1f} dB"
+                print(f"   image > 4 digits, {verdict}")
+
+        _print_state(arbiter, managed, "both patched: the chat (USER_FACING) comes first, the image job waits at its floor")
+        show_outputs()
+
+        seen = arbiter.stats().rebalances
+        tracker.set_external_bytes(device_bytes * 2 // 5)
+        _wait_for(lambda: arbiter.stats().rebalances > seen)
+        _print_state(arbiter, managed, "another process takes 40 % of the device: the monitor lowers the chat model")
+        show_outputs()
+
+        worker = threading.Thread(target=lambda: _answer(llm, tokenizer, tokens))
+        worker.start()
+        time.sleep(0.2)
+        arbiter.update_priority(image.allocation, Priority.CRITICAL)
+        arbiter.update_priority(chat.allocation, Priority.BACKGROUND)
+        print("\n   (priorities swapped while the chat was generating: its new level waits for the next decode step)")
+        worker.join()
+        _print_state(arbiter, managed, "the user clicks 'generate': the image job is CRITICAL, the chat BACKGROUND")
+        show_outputs()
+
+        seen = arbiter.stats().rebalances
         tracker.set_external_bytes(0)
-        _wait_for(lambda: arbiter.stats().rebalances >= 5)
-        _print_state(arbiter, "the other process exits")
-        chat.release()
-        _print_state(arbiter, "the chat session ends: the image model climbs back")
-        image.release()
+        _wait_for(lambda: arbiter.stats().rebalances > seen)
+        image.unpatch()
+        _print_state(arbiter, managed, "the other process exits and the image job is done (unpatched): the chat climbs back")
+        show_outputs()
+        chat.unpatch()
+
         stats = arbiter.stats()
         print(f"\nstats: {stats.grants} grants, {stats.releases} releases, {stats.rebalances} rebalances, "
-              f"{stats.quality_reductions} reductions, {stats.quality_increases} increases, "
+              f"{stats.quality_reductions} quality reductions, {stats.quality_increases} increases, "
               f"{stats.preemptions} preemptions, {stats.failures} failures")
     return 0
 
