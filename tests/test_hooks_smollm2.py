@@ -69,8 +69,8 @@ def test_perplexity_and_resident_bytes_per_quality(managed_smollm2, reference_ou
     assert rows[0][3] == pytest.approx(reference_outputs["ppl"], rel=1e-6)
     assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
     assert rows[-1][1] < 0.35 * managed.full_bytes
-    for _, _, _, ppl in rows[1:]:  # lower qualities stay coherent
-        assert ppl < 1.5 * reference_outputs["ppl"]
+    assert rows[1][3] < 1.02 * reference_outputs["ppl"]  # mostly 8-bit: within 2 %
+    assert rows[2][3] < 2.0 * reference_outputs["ppl"]  # every layer 4-bit: degraded, still coherent
 
 
 def test_quality_moves_only_between_generation_steps(managed_smollm2):
