@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,18 +24,6 @@ __all__ = ["run_demo"]
 
 _MIB = 1 << 20
 _PROMPT = "The capital of France is"
-
-
-def _smollm2_holo_dir() -> Path:
-    """SmolLM2 converted once into the model cache (encoding is the slow part; reuse it)."""
-    from .holo.convert import convert
-    from .models import cache_dir, smollm2_checkpoint_dir
-
-    target = cache_dir() / "smollm2-135m-instruct-holo"
-    if not (target / "holo_index.json").is_file():
-        print(f"converting SmolLM2 into HoloTensor fragments once (cached in {target}) ...")
-        convert(smollm2_checkpoint_dir(), target, overwrite=target.exists())
-    return target
 
 
 def _answer(model, tokenizer, new_tokens: int) -> str:
@@ -74,9 +61,11 @@ def run_demo(vram_gb: float | None = None, quick: bool = False) -> int:
         0 on success.
     """
     from .hooks import patch
-    from .models import load_digits_ddpm, load_smollm2, perplexity, psnr, reference_text
+    from .models import load_digits_ddpm, load_smollm2, perplexity, psnr, reference_text, smollm2_holo_dir
 
     tokens, steps = (6, 8) if quick else (16, 25)
+    print("loading SmolLM2-135M-Instruct and the digits DDPM (the first run also converts SmolLM2 into "
+          "HoloTensor fragments, a few minutes, cached afterwards) ...", flush=True)
     llm, tokenizer = load_smollm2()
     pipe = load_digits_ddpm()
     reference_digits = _digits(pipe, steps)
@@ -93,7 +82,7 @@ def run_demo(vram_gb: float | None = None, quick: bool = False) -> int:
 
     with Arbiter(ArbiterConfig(vram_bytes=device_bytes, monitor_interval_s=0.05), tracker=tracker) as arbiter:
         chat = patch(llm, arbiter, workload=WorkloadType.LLM_INFERENCE, priority=Priority.USER_FACING,
-                     name="chat", holo_dir=_smollm2_holo_dir(), activation_bytes=activations["chat"])
+                     name="chat", holo_dir=smollm2_holo_dir(), progress=False, activation_bytes=activations["chat"])
         image = patch(pipe, arbiter, workload=WorkloadType.IMAGE_GENERATION, priority=Priority.BACKGROUND,
                       name="image", activation_bytes=activations["image"], progress=False)
         managed = {"chat": chat, "image": image}
