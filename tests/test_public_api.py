@@ -12,7 +12,7 @@ DESIGN_NAMES = [
     "GpuMemoryTracker", "MemoryStats", "MemoryPressure",
     "GpuDetector", "GpuInfo", "GpuVendor", "DetectionMethod", "GpuDetectionResult",
     "FragmentCache", "CacheConfig", "CacheStats", "CacheTier",
-    "HoloTensor", "HoloLinear", "HoloConv2d",
+    "HoloTensor", "HoloLinear", "HoloConv2d", "patch", "ManagedModel", "HoloTensorConfig",
 ]
 
 

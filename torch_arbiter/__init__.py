@@ -20,6 +20,7 @@ from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .gpu import DetectionMethod, GpuDetectionResult, GpuDetector, GpuInfo, GpuVendor
 from .holo import HoloTensor
+from .hooks import ManagedModel, patch
 from .memory import GpuMemoryTracker, MemoryPressure, MemoryStats
 from .nn import HoloConv2d, HoloLinear
 from .priority import Priority, WorkloadKind, WorkloadType
@@ -44,6 +45,8 @@ __all__ = [
     "HoloConv2d",
     "HoloLinear",
     "HoloTensor",
+    "HoloTensorConfig",
+    "ManagedModel",
     "ArbiterConfig",
     "ArbiterState",
     "ArbiterStats",
@@ -61,5 +64,19 @@ __all__ = [
     "WorkloadKind",
     "WorkloadType",
     "get_default_arbiter",
+    "from_holo_pretrained",
+    "patch",
 ]
 __version__ = "0.1.0"
+
+_TRANSFORMERS_GLUE = ("HoloTensorConfig", "from_holo_pretrained")
+
+
+def __getattr__(name: str):
+    # The transformers glue imports transformers (seconds) and registers the "holo"
+    # quantization method with it: do that on first use, not on ``import torch_arbiter``.
+    if name in _TRANSFORMERS_GLUE:
+        from .hooks import transformers_quantizer
+
+        return getattr(transformers_quantizer, name)
+    raise AttributeError(f"module 'torch_arbiter' has no attribute {name!r}")
