@@ -1,8 +1,8 @@
 """Shared fixtures: the real models, each loaded (and converted) once per test session.
 
 Session fixtures hand out *references*: never patch or modify what they return. Tests that
-patch a model take a fresh copy from the ``fresh_*`` fixtures (cheap: SmolLM2 loads from its
-safetensors cache in about a second, the digits DDPM in a fraction of that).
+patch a model load their own copy (``models.load_smollm2()`` reads the safetensors cache in about
+a second; ``fresh_digits_ddpm`` gives a new pipeline).
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ from torch_arbiter import models
 @pytest.fixture(scope="session")
 def smollm2():
     """The unpatched SmolLM2-135M-Instruct reference ``(model, tokenizer)`` (fp32, CPU)."""
-    return models.load_smollm2()
-
-
-@pytest.fixture
-def fresh_smollm2():
-    """A new SmolLM2 ``(model, tokenizer)`` that a test may patch."""
     return models.load_smollm2()
 
 

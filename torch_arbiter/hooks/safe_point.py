@@ -22,7 +22,10 @@ Two ways to mark a top module, both removable:
 
 Limits: the count is per switch, not per thread: if several threads run forwards of the same
 model back to back without a gap, the change waits until they all stop (it is never applied
-mid-forward, it may be applied late).
+mid-forward, it may be applied late). A KV cache filled by earlier decode steps keeps the values
+computed at the earlier quality. diffusers' ``HookRegistry.remove_hook`` rewires correctly only
+when the hook removed is the outermost or no hook above it defines ``new_forward`` (diffusers'
+own limit): remove hooks added after ``patch()`` before ``unpatch()``.
 """
 
 from __future__ import annotations
