@@ -137,18 +137,20 @@ class ManagedModel:
 
     # -- what a quality means --------------------------------------------------------------------
 
-    def _holo_budget(self, q: float) -> float:
-        """Bytes the Holo layers may hold at quality q (what plan_quality is given, times holo bytes)."""
+    def _holo_quality(self, q: float) -> float:
+        """The quality handed to plan_quality for the Holo layers: their share of what q leaves
+        after the fixed bytes, in [0, 1]."""
         if self._holo_full == 0:
             return 0.0
-        return min(1.0, max(0.0, (q * self.full_bytes - self.fixed_bytes) / self._holo_full)) * self._holo_full
+        return min(1.0, max(0.0, (q * self.full_bytes - self.fixed_bytes) / self._holo_full))
 
     def _quality_for_bytes(self, nbytes: int) -> float:
         """Smallest float q whose plan affords ``nbytes`` (fixed bytes included)."""
         if self.full_bytes == 0:
             return 0.0
         q = min(1.0, nbytes / self.full_bytes)
-        while q < 1.0 and self._holo_budget(q) < nbytes - self.fixed_bytes:
+        # plan_quality's own budget arithmetic (holo quality x holo bytes), so the plan agrees.
+        while q < 1.0 and self._holo_quality(q) * self._holo_full < nbytes - self.fixed_bytes:
             q = math.nextafter(q, 2.0)
         return q
 
@@ -158,7 +160,7 @@ class ManagedModel:
         if q >= 1.0 or self._holo_full == 0:
             levels = {name: h.num_levels for name, h in self._holos.items()}
         else:
-            levels = plan_quality(self._holos, self._holo_budget(q) / self._holo_full)
+            levels = plan_quality(self._holos, self._holo_quality(q))
         return levels, self.fixed_bytes + plan_bytes(self._holos, levels)
 
     @staticmethod
