@@ -132,7 +132,8 @@ def _gguf_source(src: Path, gguf_file: str):
     config = AutoConfig.from_pretrained(str(folder), gguf_file=name).to_dict()
     config.pop("quantization_config", None)
     state = model.state_dict()
-    return (lambda: iter(state.items())), len(state), {"kind": "gguf", "gguf_file": name, "config": config}
+    return (lambda: iter(state.items())), len(state), {"kind": "gguf", "gguf_file": name, "config": config,
+                                                        "gguf_path": str(folder / name)}
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | None = None,
@@ -192,7 +193,16 @@ def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
 
     if "config" in metadata:
         _atomic_write(dest / "config.json", json.dumps(metadata["config"], indent=1).encode())
-    if not source.is_dir():
+    if "gguf_path" in metadata:  # the tokenizer lives inside the GGUF file: write it out beside
+        from transformers import AutoTokenizer
+
+        gguf = Path(metadata["gguf_path"])
+        with tempfile.TemporaryDirectory(dir=dest.parent) as staging:
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(staging)
+            for path in Path(staging).iterdir():
+                if path.is_file():
+                    _atomic_write(dest / path.name, path.read_bytes())
+    if not source.is_dir() or metadata["kind"] == "gguf":  # a GGUF's folder is not a model dir
         return
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
