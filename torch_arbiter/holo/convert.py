@@ -128,7 +128,7 @@ def _gguf_source(src: Path, gguf_file: str):
     name = gguf_file if src.is_dir() else src.name
     if not (folder / name).is_file():
         raise InvalidRequestError(f"GGUF file {folder / name} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name)
     config = AutoConfig.from_pretrained(str(folder), gguf_file=name).to_dict()
     config.pop("quantization_config", None)
     state = model.state_dict()
