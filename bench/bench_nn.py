@@ -1,6 +1,7 @@
 """Forward speed of HoloLinear / HoloConv2d at every level against the original module.
 
-Shapes are SmolLM2-135M's (hidden 576, MLP 1536, tied head 49152) plus a diffusion-UNet-like conv.
+Shapes are SmolLM2-135M's (hidden 576, MLP 1536, tied head/embedding 49152) plus a
+diffusion-UNet-like conv.
 Each case times the original module and the Holo module at every level in the same run, on the
 same inputs, interleaved (original, level 1, level 2, level 3, repeat) so that load from other
 processes hits all of them alike; the table gives medians and the ratio to the original.
@@ -23,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from torch_arbiter.nn import HoloConv2d, HoloLinear, int4_kernel_block  # noqa: E402
+from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear, int4_kernel_block  # noqa: E402
 
 
 def _interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
@@ -43,6 +44,8 @@ def _at_level(holo, k):
     """A module of the same class sharing ``holo``'s HoloTensor, held at level ``k``."""
     if isinstance(holo, HoloConv2d):
         return HoloConv2d(holo.holo, holo.bias, holo.conv_options, level=k)
+    if isinstance(holo, HoloEmbedding):
+        return HoloEmbedding(holo.holo, holo.embedding_options, level=k)
     return HoloLinear(holo.holo, holo.bias, level=k)
 
 
@@ -82,6 +85,12 @@ def main() -> int:
                 x = torch.randn(batch, in_f)
                 rows += _case(f"linear {in_f}->{out_f}, {batch} row{'s' if batch > 1 else ''}",
                               linear, holo, x, rounds, inner)
+        embedding = nn.Embedding(49152, 576)
+        holo = HoloEmbedding.from_embedding(embedding, rank=0)
+        for tokens in (1, 128):
+            ids = torch.randint(0, 49152, (1, tokens))
+            rows += _case(f"embedding 49152x576, {tokens} token{'s' if tokens > 1 else ''}",
+                          embedding, holo, ids, rounds, 20)
         for batch, size in ((1, 16), (8, 32)):
             conv = nn.Conv2d(64, 128, 3, padding=1)
             holo = HoloConv2d.from_conv(conv, rank=0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from torch_arbiter.errors import InvalidRequestError
-from torch_arbiter.nn import HoloConv2d, HoloLinear
+from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear
 
 
 def _rel(a, b):
@@ -113,3 +113,39 @@ def test_tiny_linear_has_one_exact_level():
     assert holo.num_levels == 1 and holo.resident_bytes == 48
     x = torch.randn(5, 4)
     assert torch.equal(holo(x), linear(x))
+
+
+@pytest.mark.parametrize("vocab", [256, 200])  # 200: not a multiple of the kernel block (plain codes)
+def test_embedding_rows_match_decoded_table_at_every_level(vocab):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(vocab, 96, padding_idx=0)
+    holo = HoloEmbedding.from_embedding(embedding)
+    ids = torch.tensor([[0, 5, vocab - 1], [7, 7, 130]])
+    for k in range(1, holo.num_levels + 1):
+        holo.set_level(k)
+        assert torch.allclose(holo(ids), holo.holo.decode(k)[ids], atol=1e-6)
+        assert holo.resident_bytes == holo.level_bytes(k)
+    assert torch.equal(holo(ids), embedding(ids))
+    restored = holo.to_original()
+    assert torch.equal(restored.weight, embedding.weight) and restored.padding_idx == 0
+    with pytest.raises(InvalidRequestError, match="max_norm"):
+        HoloEmbedding.from_embedding(nn.Embedding(10, 4, max_norm=1.0))
+
+
+def test_embedding_tied_to_a_head_shares_its_codes_and_level():
+    torch.manual_seed(0)
+    embedding = nn.Embedding(320, 128)
+    head = nn.Linear(128, 320, bias=False)
+    head.weight = embedding.weight  # tied, as in SmolLM2
+    holo_head = HoloLinear.from_linear(head)
+    holo_embedding = HoloEmbedding.tied_to(holo_head, embedding)
+    ids = torch.tensor([1, 64, 319])
+    for k in (1, 2, 3):
+        holo_embedding.set_level(k)
+        assert holo_head.level == k and holo_embedding.level == k
+        assert holo_embedding.resident_bytes == holo_embedding.level_bytes(k) == 0
+        assert torch.allclose(holo_embedding(ids), holo_head.holo.decode(k)[ids], atol=1e-6)
+    holo_head.set_level(1)
+    assert holo_embedding.level == 1
+    with pytest.raises(InvalidRequestError, match="tie"):
+        HoloEmbedding.tied_to(holo_head, nn.Embedding(320, 128))

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import HoloTensor, unrotate, dequantize_rotated, rotate_input, unpack_nibbles
+from ..holo.codec import HoloTensor, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles, unrotate
 
-__all__ = ["HoloLinear", "HoloConv2d", "int4_kernel_block"]
+__all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "int4_kernel_block"]
 
 _KERNEL_GROUPS = (32, 64, 128, 256)
 _kernel_block_cache: list[int] = []
@@ -343,6 +343,136 @@ class HoloConv2d(_HoloModule):
         o = self.conv_options
         return (f"{o['in_channels']}, {o['out_channels']}, kernel_size={o['kernel_size']}, "
                 f"stride={o['stride']}, level={self._level}/{self.num_levels}")
+
+
+class HoloEmbedding(_HoloModule):
+    """An ``nn.Embedding`` whose table is a :class:`HoloTensor` at a live level.
+
+    A lookup decodes only the rows it needs (gather codes, dequantise, un-rotate), so a quantised
+    table costs its codes, not a dense copy. Two ways to build one:
+
+    - :meth:`from_embedding`: its own HoloTensor and resident tensors;
+    - :meth:`tied_to`: shares a :class:`HoloLinear` head's HoloTensor *and* resident tensors (a
+      head tied to the embedding, as in SmolLM2): it holds nothing itself
+      (``resident_bytes == level_bytes(k) == 0``), follows the head's level, and ``set_level``
+      moves the head. Plan its bytes once, through the head.
+
+    Limits: ``max_norm`` is refused (it writes into the table); no gradients reach the codes.
+    """
+
+    def __init__(self, holo: HoloTensor, embedding_options: dict, *, weight_requires_grad: bool = True,
+                 level: int | None = None, tied_head: "HoloLinear | None" = None):
+        """Wrap an encoded table ``[num_embeddings, embedding_dim]``.
+
+        Args:
+            holo: the encoded table (the head's HoloTensor when ``tied_head`` is given).
+            embedding_options: ``num_embeddings``, ``embedding_dim``, ``padding_idx``,
+                ``scale_grad_by_freq``, ``sparse`` of the original.
+            weight_requires_grad: the original weight's flag, restored by :meth:`to_original`.
+            level: starting level (default: the top; ignored when tied).
+            tied_head: share this HoloLinear's resident tensors and level.
+        """
+        if len(holo.shape) != 2:
+            raise InvalidRequestError(f"HoloEmbedding needs a 2-D table, got shape {tuple(holo.shape)}")
+        self.embedding_options = dict(embedding_options)
+        # Not a registered child: the head belongs to its own parent (moves, state_dict) already.
+        object.__setattr__(self, "_tied_head", tied_head)
+        super().__init__(holo, None, weight_requires_grad, level if tied_head is None else tied_head.level)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, **encode_options) -> "HoloEmbedding":
+        """Encode an ``nn.Embedding`` (device kept, original untouched).
+
+        Raises:
+            InvalidRequestError: not an ``nn.Embedding``, or it uses ``max_norm``.
+        """
+        options = cls._options_of(embedding)
+        holo = HoloTensor.encode(embedding.weight.detach(), **encode_options)
+        module = cls(holo, options, weight_requires_grad=embedding.weight.requires_grad)
+        return module.to(embedding.weight.device)
+
+    @classmethod
+    def tied_to(cls, head: "HoloLinear", embedding: nn.Embedding) -> "HoloEmbedding":
+        """An embedding that reads ``head``'s codes (for a head tied to ``embedding``).
+
+        Raises:
+            InvalidRequestError: the head's weight is not the embedding's table (shape or values).
+        """
+        options = cls._options_of(embedding)
+        if tuple(head.holo.shape) != tuple(embedding.weight.shape) or not torch.equal(
+                head.holo.fragment("exact"), embedding.weight.detach().to(head.holo.fragment("exact").device)):
+            raise InvalidRequestError("the head's weight is not this embedding's table; tie only shared weights")
+        return cls(head.holo, options, weight_requires_grad=embedding.weight.requires_grad, tied_head=head)
+
+    @staticmethod
+    def _options_of(embedding: nn.Embedding) -> dict:
+        if not isinstance(embedding, nn.Embedding):
+            raise InvalidRequestError(f"needs an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.max_norm is not None:
+            raise InvalidRequestError("HoloEmbedding does not support max_norm (it rewrites the table); "
+                                      "keep this embedding unpatched")
+        return {key: getattr(embedding, key) for key in
+                ("num_embeddings", "embedding_dim", "padding_idx", "scale_grad_by_freq", "sparse")}
+
+    @property
+    def level(self) -> int:
+        """The current level (the head's, when tied)."""
+        return self._tied_head.level if self._tied_head is not None else self._level
+
+    def set_level(self, k: int) -> None:
+        """Hold the tensors of level ``k`` (moves the head when tied)."""
+        if self._tied_head is not None:
+            if k != self._tied_head.level:
+                self._tied_head.set_level(k)
+        else:
+            super().set_level(k)
+
+    def level_bytes(self, k: int) -> int:
+        """Bytes held at level ``k``: 0 when tied (the head holds them)."""
+        return 0 if self._tied_head is not None else super().level_bytes(k)
+
+    def _build(self, k, device):
+        return {} if self._tied_head is not None else super()._build(k, device)
+
+    def to_original(self) -> nn.Embedding:
+        """An ``nn.Embedding`` bit-identical to the one encoded (weight shares the exact fragment)."""
+        exact = self.holo.fragment("exact")
+        embedding = nn.Embedding(**self.embedding_options, device="meta", dtype=exact.dtype)
+        embedding.weight = self._original_weight()
+        return embedding.to(self._device_probe.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the table at the current level for integer ``ids`` of any shape."""
+        owner = self._tied_head if self._tied_head is not None else self
+        resident, level = owner._resident, owner._level
+        if level == self.num_levels:
+            return F.embedding(ids, resident["weight"], self.embedding_options["padding_idx"])
+        meta = self.holo.meta
+        flat = ids.reshape(-1)
+        if "kernel_codes" in resident:
+            block = int4_kernel_block()
+            tiles = resident["kernel_codes"].view(self.holo.shape[0] // block, -1, block // 2)
+            within = flat % block
+            raw = tiles[flat // block, :, within % (block // 2)]  # [rows, Kp (x2 at level 2)]
+            high = (within >= block // 2).unsqueeze(-1)
+            codes = torch.where(high, raw >> 4, raw & 0x0F)
+            padded = meta["padded_features"]
+            rows = {"hi": codes[:, :padded], "lo": codes[:, padded:] if level >= 2 else None}
+        else:
+            rows = {"hi": unpack_nibbles(resident["hi"][flat]),
+                    "lo": unpack_nibbles(resident["lo"][flat]) if level >= 2 else None}
+        scales = resident["scales"][:, flat]
+        dtype = torch.float32
+        values = dequantize_codes(rows["hi"], rows["lo"], scales, meta["group_size"], dtype)
+        values = unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
+        if self.holo.rank:
+            values = values + resident["rank_l"][flat].to(dtype) @ resident["rank_r"].to(dtype)
+        return values.to(self.holo.dtype).reshape(*ids.shape, -1)
+
+    def extra_repr(self) -> str:
+        o = self.embedding_options
+        tied = ", tied to a head" if self._tied_head is not None else ""
+        return f"{o['num_embeddings']}, {o['embedding_dim']}, level={self.level}/{self.num_levels}{tied}"
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
