@@ -240,6 +240,7 @@ class Arbiter:
         )
         self._lock = threading.RLock()
         self._allocations: dict[int, Allocation] = {}
+        self._budgets: dict[int, QualityBudget] = {}  # the coordinator's view of each allocation, rebuilt on change
         self._waiters: dict[int, _Waiter] = {}
         self._listeners: list[Listener] = []
         self._next_id = 1
@@ -573,19 +574,16 @@ class Arbiter:
         return max(0, reading.total_bytes - self.config.reserve_bytes - reading.external_bytes)
 
     def _plan_locked(self, hold: dict[int, float] | None = None):
-        hold = hold or {}
-        budgets = [
-            QualityBudget(
-                key=a.id,
-                priority=a.priority,
-                floor=max(a.min_quality, hold.get(a.id, 0.0)),
-                full_bytes=a.full_bytes,
-                activation_bytes=a.activation_bytes,
-                sequence=a.sequence,
-                group=a.workload.name,
-            )
-            for a in self._allocations.values()
-        ]
+        budgets = []
+        for a in self._allocations.values():
+            floor = max(a.min_quality, hold.get(a.id, 0.0)) if hold else a.min_quality
+            budget = self._budgets.get(a.id)
+            if budget is None or (budget.priority, budget.activation_bytes, budget.floor) != (a.priority, a.activation_bytes, floor):
+                budget = QualityBudget(a.id, a.priority, floor, a.full_bytes, a.activation_bytes, a.sequence, a.workload.name)
+                self._budgets[a.id] = budget
+            budgets.append(budget)
+        for stale in self._budgets.keys() - self._allocations.keys():
+            del self._budgets[stale]
         active = [a.id for a in self._allocations.values() if a.state is AllocationState.ACTIVE]
         return self.coordinator.compute(budgets, self._capacity(self.tracker.read()), active)
 

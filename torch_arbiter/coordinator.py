@@ -105,9 +105,7 @@ class Coordinator:
         if len(set(keys)) != len(keys):
             raise InvalidRequestError("workload keys passed to the coordinator must be unique")
 
-        start = {b.key: self._start_quality(b) for b in budgets}
-        admitted, used = self._admit(budgets, start, capacity_bytes, frozenset(active_keys))
-        quality = {b.key: start[b.key] for b in admitted}
+        admitted, quality, used = self._admit(budgets, capacity_bytes, frozenset(active_keys))
         left = capacity_bytes - used
         if self.config.policy is not QualityPolicy.FIXED:
             for group in self._raise_order(admitted):
@@ -115,43 +113,39 @@ class Coordinator:
 
         result = {}
         for b in budgets:
-            if b.key in quality:
-                q = quality[b.key]
-                result[b.key] = QualityAllocation(b.key, True, q, b.bytes_at(q))
-            else:
+            q = quality.get(b.key)
+            if q is None:
                 result[b.key] = QualityAllocation(b.key, False, 0.0, 0)
+            else:
+                result[b.key] = QualityAllocation(b.key, True, q, int(q * b.full_bytes) + b.activation_bytes)
         return result
 
-    def _start_quality(self, budget: QualityBudget) -> float:
-        if self.config.policy is QualityPolicy.FIXED:
-            return min(max(budget.floor, self.config.fixed_quality), budget.max_quality)
-        return budget.floor
-
     def _admit(
-        self,
-        budgets: Sequence[QualityBudget],
-        start: dict[object, float],
-        capacity: int,
-        active: frozenset,
-    ) -> tuple[list[QualityBudget], int]:
+        self, budgets: Sequence[QualityBudget], capacity: int, active: frozenset
+    ) -> tuple[list[QualityBudget], dict[object, float], int]:
         if self.config.allow_preemption:
             order = sorted(budgets, key=lambda b: (-b.priority, b.sequence))
         else:
             order = sorted(budgets, key=lambda b: (b.key not in active, -b.priority, b.sequence))
+        fixed = self.config.policy is QualityPolicy.FIXED
+        fixed_quality = self.config.fixed_quality
         used = 0
         admitted = []
+        quality: dict[object, float] = {}
         blocked_priorities = set()
         for b in order:
             waiting = b.key not in active
             if waiting and b.priority in blocked_priorities:
                 continue
-            need = b.bytes_at(start[b.key])
+            start = min(max(b.floor, fixed_quality), b.max_quality) if fixed else b.floor
+            need = int(start * b.full_bytes) + b.activation_bytes
             if used + need <= capacity:
                 admitted.append(b)
+                quality[b.key] = start
                 used += need
             elif waiting:
                 blocked_priorities.add(b.priority)
-        return admitted, used
+        return admitted, quality, used
 
     def _raise_order(self, admitted: list[QualityBudget]) -> list[list[QualityBudget]]:
         policy = self.config.policy
@@ -189,21 +183,15 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
         step = slope * (position - level)
         if cost + step > left:
             level += (left - cost) / slope
+            cost = left
             break
         cost += step
         level = position
         slope += delta
-    base = {b.key: quality[b.key] for b in members}
-    charged = _group_cost(members, base, level)
-    while charged > left:  # float rounding can overshoot: shave the level until it fits
-        level -= max(1e-12, abs(level) * 1e-12)
-        charged = _group_cost(members, base, level)
     for b in members:
-        quality[b.key] = min(max(level, base[b.key]), b.max_quality)
-    # Charge the group its real-valued cost, not the truncated integer grants, so
-    # that rounding crumbs never pass to a lower group ahead of a higher one.
-    return charged
-
-
-def _group_cost(members: list[QualityBudget], base: dict[object, float], level: float) -> int:
-    return math.ceil(sum(b.full_bytes * (min(max(level, base[b.key]), b.max_quality) - base[b.key]) for b in members))
+        q = quality[b.key]
+        quality[b.key] = level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)
+    # Charge the group its real-valued cost (each member's integer grant truncates, so the
+    # grants never add up to more), not the truncated grants, so that rounding crumbs never
+    # pass to a lower group ahead of a higher one.
+    return min(left, math.ceil(cost))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidRequestError
 from .priority import Priority
@@ -90,9 +91,8 @@ class QualityBudget:
         return int(quality * self.full_bytes) + self.activation_bytes
 
 
-@dataclass(frozen=True, slots=True)
-class QualityAllocation:
-    """The coordinator's decision for one workload.
+class QualityAllocation(NamedTuple):
+    """The coordinator's decision for one workload (a named tuple: cheap to make in bulk).
 
     Attributes:
         key: the budget's key.
