@@ -26,7 +26,7 @@ from torch_arbiter.hooks import (
     managed_model_of,
     patch,
 )
-from torch_arbiter.nn import HoloConv2d, HoloLinear
+from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear
 
 
 class _Small(nn.Module):
@@ -166,9 +166,9 @@ def test_patch_swaps_supported_layers_and_is_exact_at_quality_one(managed_small)
     model = managed.model
     managed.set_quality(1.0)
     assert isinstance(model.up, HoloLinear) and isinstance(model.down, HoloLinear)
-    assert isinstance(model.conv, HoloConv2d)
-    assert isinstance(model.embed, nn.Embedding) and isinstance(model.norm, nn.LayerNorm)
-    assert set(managed.levels) == {"conv.weight", "up.weight", "down.weight"}
+    assert isinstance(model.conv, HoloConv2d) and isinstance(model.embed, HoloEmbedding)
+    assert isinstance(model.norm, nn.LayerNorm)
+    assert set(managed.levels) == {"embed.weight", "conv.weight", "up.weight", "down.weight"}
     with torch.no_grad():
         assert torch.equal(model(*_inputs()), reference(*_inputs()))
     assert managed.resident_bytes == managed.full_bytes == managed.bytes_at(1.0)
@@ -245,9 +245,9 @@ def test_patching_twice_is_refused(managed_small):
 
 
 def test_patching_a_model_without_supported_layers_is_refused_and_leaves_it_alone():
-    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.LayerNorm(8))
     before = copy.deepcopy(model)
-    with pytest.raises(PatchError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(PatchError, match="no nn.Linear, nn.Conv2d or nn.Embedding"):
         patch(model, register=False, progress=False)
     assert _state_equal(model, before) and managed_model_of(model) is None
     with pytest.raises(PatchError, match="takes a transformers"):
@@ -273,31 +273,50 @@ def test_unpatch_restores_modules_and_parameters_bit_for_bit():
     patch(model, register=False, progress=False).unpatch()  # and it can be patched again
 
 
-def test_tied_weights_stay_exact():
-    model = nn.Sequential(nn.Embedding(64, 64), nn.Linear(64, 64, bias=False), nn.Linear(64, 64))
-    model[1].weight = model[0].weight  # a head tied to the embedding
+def test_a_head_tied_to_its_embedding_is_one_weight_and_other_sharing_stays_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 64), nn.Linear(64, 64), nn.Linear(64, 64, bias=False))
+    model[2].weight = model[0].weight  # a head tied to the embedding, as in SmolLM2
+    reference = copy.deepcopy(model)
+    tokens = torch.randint(0, 64, (2, 7))
     managed = patch(model, register=False, progress=False)
     try:
-        assert set(managed.levels) == {"2.weight"} and model[1].weight is model[0].weight
+        assert set(managed.levels) == {"0.weight", "1.weight"}  # the pair is planned once, by its embedding name
+        assert isinstance(model[0], HoloEmbedding) and isinstance(model[2], HoloLinear)
+        assert model[0].resident_bytes == 0 and model[0].holo is model[2].holo
+        with torch.no_grad():
+            assert torch.equal(model(tokens), reference(tokens))
+        managed.set_quality(managed.min_quality)
+        assert model[0].level == model[2].level == 1
+        assert managed.resident_bytes == managed.bytes_at(managed.min_quality)
+        with torch.no_grad():
+            lowered, expected = model(tokens), reference(tokens)
+        assert 0 < float((lowered - expected).norm() / expected.norm()) < 0.3
     finally:
         managed.unpatch()
+    assert model[2].weight is model[0].weight and _state_equal(model, reference)
+
+    shared = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    shared[1].weight = shared[0].weight  # two linears sharing: not a head/embedding pair
+    with pytest.raises(PatchError, match="nothing to do"):
+        patch(shared, register=False, progress=False)
 
 
 def test_a_mismatching_holo_dir_is_refused_and_nothing_stays_half_patched(tmp_path):
     source = _small_model(0)
     from torch_arbiter.holo import HoloTensor
 
-    save_holo(tmp_path / "holo", {"conv.weight": HoloTensor.encode(source.conv.weight.detach()),
-                                  "up.weight": HoloTensor.encode(source.up.weight.detach())})
+    save_holo(tmp_path / "holo", {name: HoloTensor.encode(source.get_parameter(name).detach())
+                                  for name in ("embed.weight", "conv.weight", "up.weight")})
     other = _small_model(0)
     reference = copy.deepcopy(other)
     with pytest.raises(PatchError, match="no tensor 'down.weight'"):
         patch(other, holo_dir=tmp_path / "holo", register=False, progress=False)
-    assert _state_equal(other, reference) and type(other.up) is nn.Linear and type(other.conv) is nn.Conv2d
+    assert _state_equal(other, reference) and type(other.up) is nn.Linear and type(other.embed) is nn.Embedding
     different = _small_model(1)
     with pytest.raises(PatchError, match="differs from the model's weight"):
         patch(different, holo_dir=tmp_path / "holo", register=False, progress=False)
-    assert type(different.conv) is nn.Conv2d
+    assert type(different.embed) is nn.Embedding
 
 
 def test_patch_reads_a_matching_holo_dir_without_encoding(tmp_path):
@@ -305,7 +324,7 @@ def test_patch_reads_a_matching_holo_dir_without_encoding(tmp_path):
 
     source = _small_model(0)
     tensors = {name: HoloTensor.encode(source.get_parameter(name).detach())
-               for name in ("conv.weight", "up.weight", "down.weight")}
+               for name in ("embed.weight", "conv.weight", "up.weight", "down.weight")}
     save_holo(tmp_path / "holo", tensors)
     model = _small_model(0)
     reference = copy.deepcopy(model)

@@ -41,7 +41,7 @@ def test_from_pretrained_with_holo_config_patches_and_registers(tiny_llama_dir):
     managed = managed_model_of(model)
     try:
         assert managed is not None and managed.arbiter is arbiter and managed.allocation is not None
-        assert len(managed.levels) == 15  # 2 x 7 projections + the untied head
+        assert len(managed.levels) == 16  # 2 x 7 projections, the untied head and the embedding
         with torch.no_grad():
             assert torch.equal(model(tokens).logits, expected)
         managed.set_quality(managed.min_quality)

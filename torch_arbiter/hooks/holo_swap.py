@@ -1,9 +1,13 @@
-"""Swap a model's ``nn.Linear`` / ``nn.Conv2d`` layers for Holo modules, and swap them back.
+"""Swap a model's ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` layers for Holo modules, and back.
 
 :func:`apply_holo_swap` replaces every supported layer of a module tree with a
-:class:`~torch_arbiter.nn.HoloLinear` / :class:`~torch_arbiter.nn.HoloConv2d` whose weight is a
-:class:`~torch_arbiter.holo.HoloTensor`, either encoded now or read from a converted holo
-checkpoint. :func:`remove_holo_swap` puts the original module objects back.
+:class:`~torch_arbiter.nn.HoloLinear` / :class:`~torch_arbiter.nn.HoloConv2d` /
+:class:`~torch_arbiter.nn.HoloEmbedding` whose weight is a :class:`~torch_arbiter.holo.HoloTensor`,
+either encoded now or read from a converted holo checkpoint. A head tied to its embedding (one
+``nn.Linear`` and one ``nn.Embedding`` sharing a weight, as in SmolLM2) becomes one HoloLinear and a
+HoloEmbedding that reads the head's codes: the shared weight is encoded, planned and held once,
+under the embedding's state-dict name (the one a saved checkpoint keeps).
+:func:`remove_holo_swap` puts the original module objects back.
 
 Memory: no second copy of a full weight is kept. The original layer object is kept (so its
 identity, attributes and any hooks on it survive), but its weight and bias Parameters are
@@ -12,10 +16,10 @@ original tensor bit for bit. Parameter objects keep their identity too.
 
 Skipped (kept as they are, counted as fixed bytes by the caller):
 
-- layers whose weight is shared with a module that is not swapped (a head tied to an
-  embedding): swapping one side would keep the full weight resident anyway and add codes on top;
-- ``nn.Conv2d`` with a ``padding_mode`` other than ``"zeros"``, and layers already on the
-  ``meta`` device (nothing to encode).
+- layers whose weight is shared in any other way (with a module that is not swapped, or by more
+  than two layers): swapping one side would keep the full weight resident and add codes on top;
+- ``nn.Conv2d`` with a ``padding_mode`` other than ``"zeros"``, ``nn.Embedding`` with
+  ``max_norm`` (it rewrites its table), and layers on the ``meta`` device (nothing to encode).
 """
 
 from __future__ import annotations
@@ -28,14 +32,14 @@ from torch import nn
 
 from ..errors import PatchError
 from ..holo import HoloCheckpoint, HoloTensor
-from ..nn import HoloConv2d, HoloLinear
+from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 
 __all__ = ["HOLO_SWAP_HOOK", "SwappedLayer", "find_swappable", "apply_holo_swap", "remove_holo_swap"]
 
 HOLO_SWAP_HOOK = "torch_arbiter_holo_swap"
 """Tag of the swap technique (the name shown in progress bars and errors)."""
 
-_HOLO_TYPES = (HoloLinear, HoloConv2d)
+_HOLO_TYPES = (HoloLinear, HoloConv2d, HoloEmbedding)
 
 
 @dataclass
@@ -44,28 +48,72 @@ class SwappedLayer:
 
     Attributes:
         tensor_name: the weight's name in the model's state dict, with the component prefix
-            (``"model.layers.0.mlp.up_proj.weight"``, ``"unet/conv_in.weight"``).
+            (``"model.layers.0.mlp.up_proj.weight"``, ``"unet/conv_in.weight"``); a tied head
+            and its embedding both carry the embedding's name.
         parent: the module that holds the layer as attribute ``attribute``.
         attribute: the attribute name in ``parent``.
         original: the original layer object (its weight/bias emptied while swapped).
         holo: the Holo module in its place.
+        tied: True for an embedding that reads a tied head's codes (it holds nothing itself:
+            plan and count the weight through the head).
     """
 
     tensor_name: str
     parent: nn.Module
     attribute: str
     original: nn.Module
-    holo: HoloLinear | HoloConv2d
+    holo: HoloLinear | HoloConv2d | HoloEmbedding
+    tied: bool = False
 
 
 def _is_supported(module: nn.Module) -> bool:
-    if isinstance(module, _HOLO_TYPES):
+    if isinstance(module, _HOLO_TYPES) or not hasattr(module, "weight"):
         return False
     if type(module) is nn.Linear:
-        return module.weight.device.type != "meta"
-    if type(module) is nn.Conv2d:
-        return module.padding_mode == "zeros" and module.weight.device.type != "meta"
-    return False
+        pass
+    elif type(module) is nn.Conv2d:
+        if module.padding_mode != "zeros":
+            return False
+    elif type(module) is nn.Embedding:
+        if module.max_norm is not None:
+            return False
+    else:
+        return False
+    return module.weight.device.type != "meta"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A layer to swap; ``head`` names the tied head whose codes an embedding reads."""
+
+    name: str
+    module: nn.Module
+    head: str | None = None
+
+
+def _targets(root: nn.Module) -> list[_Target]:
+    """What to swap, heads before the embeddings tied to them."""
+    candidates = [(name, m) for name, m in root.named_modules(remove_duplicate=True) if _is_supported(m)]
+    by_id = {id(m): name for name, m in candidates}
+    owners: dict[int, list[nn.Module]] = {}
+    for module in root.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    plain, tied = [], []
+    for name, module in candidates:
+        sharing = owners.get(id(module.weight), [module])
+        if len(sharing) == 1:
+            plain.append(_Target(name, module))
+            continue
+        kinds = sorted(type(m).__name__ for m in sharing)
+        if len(sharing) != 2 or kinds != ["Embedding", "Linear"] or any(id(m) not in by_id for m in sharing):
+            continue  # shared some other way: keep every owner exact
+        if type(module) is nn.Linear:
+            plain.append(_Target(name, module))
+        else:
+            head = next(m for m in sharing if m is not module)
+            tied.append(_Target(name, module, by_id[id(head)]))
+    return plain + tied
 
 
 def find_swappable(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -75,26 +123,11 @@ def find_swappable(root: nn.Module) -> list[tuple[str, nn.Module]]:
         root: any module tree.
 
     Returns:
-        Exact ``nn.Linear`` and ``nn.Conv2d`` instances (not subclasses, whose forward may
-        differ), each once, minus layers whose weight is shared with a layer that is not swapped.
+        Exact ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` instances (not subclasses, whose
+        forward may differ), each once, heads before the embeddings tied to them; layers whose
+        weight is shared in any other way are left out.
     """
-    candidates = [(name, m) for name, m in root.named_modules(remove_duplicate=True) if _is_supported(m)]
-    candidate_ids = {id(m) for _, m in candidates}
-    owners: dict[int, set[int]] = {}
-    for module in root.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), set()).add(id(module))
-    chosen = []
-    seen_weights: set[int] = set()
-    for name, module in candidates:
-        weight_owners = owners.get(id(module.weight), set())
-        if not weight_owners <= candidate_ids or id(module.weight) in seen_weights:
-            continue  # tied to a module we keep, or to another layer already chosen
-        if len(weight_owners) > 1:
-            continue  # one weight in several layers: keep them all, a HoloTensor is per layer
-        seen_weights.add(id(module.weight))
-        chosen.append((name, module))
-    return chosen
+    return [(target.name, target.module) for target in _targets(root)]
 
 
 def _parent_of(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -102,37 +135,50 @@ def _parent_of(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attribute
 
 
-def _holo_from_checkpoint(checkpoint: HoloCheckpoint, tensor_name: str, module: nn.Module) -> HoloTensor:
-    if tensor_name not in checkpoint.index["tensors"]:
-        raise PatchError(
-            f"holo checkpoint {checkpoint.path} has no tensor {tensor_name!r}: it was converted from "
-            "another model; convert this model with `torch-arbiter convert` or pass holo_dir=None")
-    holo = checkpoint.load_tensor(tensor_name)
+def _checkpoint_name(checkpoint: HoloCheckpoint, names: list[str]) -> str:
+    """The first of ``names`` the checkpoint stores (directly or as a tied alias)."""
+    aliases = checkpoint.metadata.get("tied", {})
+    for name in names:
+        if name in checkpoint.index["tensors"]:
+            return name
+        if aliases.get(name) in checkpoint.index["tensors"]:
+            return aliases[name]
+    raise PatchError(
+        f"holo checkpoint {checkpoint.path} has no tensor {names[0]!r}: it was converted from "
+        "another model; convert this model with `torch-arbiter convert` or pass holo_dir=None")
+
+
+def _holo_from_checkpoint(checkpoint: HoloCheckpoint, names: list[str], module: nn.Module) -> HoloTensor:
+    stored = _checkpoint_name(checkpoint, names)
+    holo = checkpoint.load_tensor(stored)
     weight = module.weight.detach()
     if not isinstance(holo, HoloTensor) or tuple(holo.shape) != tuple(weight.shape) \
             or holo.dtype != weight.dtype:
         raise PatchError(
-            f"tensor {tensor_name!r} in {checkpoint.path} does not match the model's "
+            f"tensor {stored!r} in {checkpoint.path} does not match the model's "
             f"{tuple(weight.shape)} {weight.dtype} weight; convert this model again")
     if not torch.equal(holo.fragment("exact"), weight.to("cpu")):
         raise PatchError(
-            f"tensor {tensor_name!r} in {checkpoint.path} differs from the model's weight: the "
+            f"tensor {stored!r} in {checkpoint.path} differs from the model's weight: the "
             "checkpoint was made from other weights; convert this model again")
     return holo
 
 
-def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict) -> HoloLinear | HoloConv2d:
+def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict):
+    if holo is None:
+        holo = HoloTensor.encode(module.weight.detach(), **encode_options)
+    requires_grad = module.weight.requires_grad
     if isinstance(module, nn.Linear):
-        if holo is None:
-            return HoloLinear.from_linear(module, **encode_options)
-        built = HoloLinear(holo, module.bias, weight_requires_grad=module.weight.requires_grad)
-    else:
-        if holo is None:
-            return HoloConv2d.from_conv(module, **encode_options)
+        built = HoloLinear(holo, module.bias, weight_requires_grad=requires_grad)
+    elif isinstance(module, nn.Conv2d):
         options = {key: getattr(module, key) for key in
                    ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                     "groups", "padding_mode")}
-        built = HoloConv2d(holo, module.bias, options, weight_requires_grad=module.weight.requires_grad)
+        built = HoloConv2d(holo, module.bias, options, weight_requires_grad=requires_grad)
+    else:
+        options = {key: getattr(module, key) for key in
+                   ("num_embeddings", "embedding_dim", "padding_idx", "scale_grad_by_freq", "sparse")}
+        built = HoloEmbedding(holo, options, weight_requires_grad=requires_grad)
     return built.to(module.weight.device)
 
 
@@ -156,7 +202,8 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
         description: the bar's label.
 
     Returns:
-        The swapped layers, in module order (empty when ``root`` has none).
+        The swapped layers in module order, embeddings tied to a head last (empty when ``root``
+        has none).
 
     Raises:
         PatchError: a checkpoint tensor is missing or does not match; any other failure while
@@ -165,23 +212,39 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
     from tqdm.auto import tqdm
 
     options = dict(encode_options or {})
-    targets = find_swappable(root)
+    targets = _targets(root)
+    tied_heads = {target.head for target in targets if target.head is not None}
+    embedding_of = {target.head: target.name for target in targets if target.head is not None}
     swapped: list[SwappedLayer] = []
+    by_name: dict[str, SwappedLayer] = {}
     try:
-        for name, module in tqdm(targets, desc=description or f"{HOLO_SWAP_HOOK}: encoding",
-                                 unit="layer", disable=not progress or not targets):
-            tensor_name = f"{prefix}{name}.weight"
-            holo = _holo_from_checkpoint(checkpoint, tensor_name, module) if checkpoint is not None else None
-            replacement = _build_holo(module, holo, options)
-            parent, attribute = _parent_of(root, name)
+        for target in tqdm(targets, desc=description or f"{HOLO_SWAP_HOOK}: encoding",
+                           unit="layer", disable=not progress or not targets):
+            module = target.module
+            if target.head is not None:  # reads the head's codes: nothing to encode or load
+                head = by_name[target.head]
+                replacement = HoloEmbedding.tied_to(head.holo, module)
+                tensor_name = head.tensor_name
+            else:
+                # A tied head is named after its embedding: the name a saved checkpoint keeps.
+                names = [f"{prefix}{embedding_of[target.name]}.weight"] if target.name in tied_heads else []
+                names.append(f"{prefix}{target.name}.weight")
+                tensor_name = names[0]
+                holo = _holo_from_checkpoint(checkpoint, names, module) if checkpoint is not None else None
+                replacement = _build_holo(module, holo, options)
+            parent, attribute = _parent_of(root, target.name)
             setattr(parent, attribute, replacement)
-            swapped.append(SwappedLayer(tensor_name, parent, attribute, module, replacement))
-            module.weight.data = _empty_like(module.weight)
-            if module.bias is not None:
-                module.bias.data = _empty_like(module.bias)
+            layer = SwappedLayer(tensor_name, parent, attribute, module, replacement, tied=target.head is not None)
+            swapped.append(layer)
+            by_name[target.name] = layer
     except BaseException:
         remove_holo_swap(swapped)
         raise
+    # Only now: a tied embedding is checked against the head's weight while it is swapped.
+    for layer in swapped:
+        layer.original.weight.data = _empty_like(layer.original.weight)
+        if getattr(layer.original, "bias", None) is not None:
+            layer.original.bias.data = _empty_like(layer.original.bias)
     return swapped
 
 
@@ -197,6 +260,6 @@ def remove_holo_swap(layers: Iterable[SwappedLayer]) -> None:
         exact = holo.holo.fragment("exact")
         # The HoloTensor is dropped after this, so its exact fragment can become the weight again.
         original.weight.data = exact if exact.device == device else exact.to(device)
-        if original.bias is not None:
+        if getattr(original, "bias", None) is not None:
             original.bias.data = holo.bias.detach().clone()
         setattr(layer.parent, layer.attribute, original)

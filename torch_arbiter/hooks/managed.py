@@ -6,7 +6,7 @@ with an :class:`~torch_arbiter.arbiter.Arbiter` and returns a :class:`ManagedMod
 
 Quality ``q`` is the share of the model's full weight bytes (every parameter and buffer, the
 layers that stay exact included) that may be resident. The layers that are not swapped
-(embeddings, norms, tied heads, biases) are always resident at full size, so the Holo layers get
+(norms, biases, layers tied in unusual ways) are always resident at full size, so the Holo layers get
 ``q × full bytes − fixed bytes`` and :func:`torch_arbiter.holo.plan_quality` spends that on the
 levels that measure best per byte. Below :attr:`ManagedModel.min_quality` (every Holo layer at
 its lowest level) the model cannot shrink further: lower requests apply ``min_quality``.
@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError, PatchError
 from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
-from ..nn import HoloConv2d, HoloLinear
+from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
@@ -117,7 +117,8 @@ class ManagedModel:
         self.model = model
         self._components = dict(components)
         self._swapped = swapped
-        self._layers = {layer.tensor_name: layer.holo for layer in swapped}
+        # A tied embedding holds nothing and follows its head: plan and count the weight once.
+        self._layers = {layer.tensor_name: layer.holo for layer in swapped if not layer.tied}
         self._holos = {name: module.holo for name, module in self._layers.items()}
         self._switch_hooks = switch_hooks
         self._switch = switch
@@ -375,12 +376,14 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             or ``holo_dir`` does not match it. ``obj`` is left exactly as it was.
         ArbiterError: the arbiter refused the request (``obj`` is unpatched again).
 
-    Limits: inference only (Holo layers carry no gradients); ``nn.Linear`` and ``nn.Conv2d`` are
-    swapped, other layers (embeddings, norms, tied heads) stay exact and count as fixed bytes.
+    Limits: inference only (Holo layers carry no gradients); ``nn.Linear``, ``nn.Conv2d`` and
+    ``nn.Embedding`` are swapped (a head tied to its embedding once, as one weight); other layers
+    (norms, biases, odd convs) stay exact and count as fixed bytes. Resizing embeddings or saving
+    a patched model is not supported (unpatch first).
     """
     components, kind = _components(obj)
     if managed_model_of(obj) is not None or any(
-            isinstance(sub, (HoloLinear, HoloConv2d)) for m in components.values() for sub in m.modules()):
+            isinstance(sub, (HoloLinear, HoloConv2d, HoloEmbedding)) for m in components.values() for sub in m.modules()):
         raise PatchError(f"this {type(obj).__name__} is already patched: use the ManagedModel "
                          "patch() returned, or unpatch() it first")
     checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
@@ -394,8 +397,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
                 module, prefix=prefix, checkpoint=checkpoint, encode_options=dict(encode_options or {}),
                 progress=progress, description=f"patching {component or type(obj).__name__}"))
         if not swapped:
-            raise PatchError(f"this {type(obj).__name__} has no nn.Linear or nn.Conv2d layer to make "
-                             "live; patch() has nothing to do for it")
+            raise PatchError(f"this {type(obj).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer "
+                             "to make live; patch() has nothing to do for it")
         holder: list[ManagedModel] = []
         switch: SafePointSwitch[float] = SafePointSwitch(lambda q: holder[0]._apply(q))
         for module in components.values():
