@@ -5,8 +5,8 @@
   embedding and head included), perplexity on the GPL-3 text against the unpatched model in the
   same run, greedy-token agreement with the unpatched model, and how long ``set_quality`` took.
   Beware: the reference weights are dequantised Q4_1 (linear layers: 4-bit, asymmetric blocks of
-  32 along the input dimension; tied embedding/head: Q8_0). The embedding stays exact (no Holo
-  embedding module yet), which sets the floor ``min_quality``.
+  32 along the input dimension; tied embedding/head: Q8_0). The tied embedding/head is one Holo
+  weight; norms stay exact, which with every weight at int4 sets the floor ``min_quality``.
 - The digits DDPM (patched by encoding): PSNR of the images at each quality against the unpatched
   pipeline with the same seed, and the resident bytes.
 
