@@ -188,9 +188,15 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
         cost += step
         level = position
         slope += delta
-    for b in members:
-        q = quality[b.key]
-        quality[b.key] = level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)
+    base = [(b, quality[b.key]) for b in members]
+    before = sum(int(q * b.full_bytes) for b, q in base)
+    while True:  # the exact solution can overshoot by a byte in floating point: shave until it fits
+        raised = [(b, level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)) for b, q in base]
+        if sum(int(q * b.full_bytes) for b, q in raised) - before <= left:
+            break
+        level -= max(1e-15, abs(level) * 1e-12)
+    for b, q in raised:
+        quality[b.key] = q
     # Charge the group its real-valued cost (each member's integer grant truncates, so the
     # grants never add up to more), not the truncated grants, so that rounding crumbs never
     # pass to a lower group ahead of a higher one.
