@@ -53,13 +53,15 @@ def test_levels_bytes_and_fidelity_of_a_linear_weight():
     weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)) * 0.02
     holo = HoloTensor.encode(weight, rank=0)
     assert holo.scheme == "nested4x2" and holo.num_levels == 3
-    assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.5 + 8 * 512 / weight.numel())
+    # Rotated Gaussian-like weights take the symmetric grid: one bf16 scale per group of 64.
+    assert holo.meta["symmetric"] is True
+    assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.25 + 8 * 512 / weight.numel())
     assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.5 + 8 * 512 / weight.numel())
     assert _rel(holo.decode(1), weight) == pytest.approx(holo.level_fidelity(1)["rel_error"], rel=1e-4)
     assert _rel(holo.decode(2), weight) == pytest.approx(holo.level_fidelity(2)["rel_error"], rel=1e-4)
-    # Going up a level moves only the lo nibbles: the delta is one byte per two weights.
-    assert holo.level_bytes(2) - holo.level_bytes(1) == weight.numel() // 2
-    assert set(holo.level_fragments(2)) - set(holo.level_fragments(1)) == {"lo"}
+    # Going up a level moves only the residual stage: lo nibbles and one bf16 scale per group.
+    assert holo.level_bytes(2) - holo.level_bytes(1) == weight.numel() // 2 + weight.numel() // 64 * 2
+    assert set(holo.level_fragments(2)) - set(holo.level_fragments(1)) == {"lo", "lo_scales"}
     assert holo.level_fragments(3) == ["exact"]
 
 
@@ -116,6 +118,36 @@ def test_calibration_records_output_error():
     assert holo.level_fidelity(1)["out_rel_error"] == pytest.approx(measured, rel=1e-3)
     with pytest.raises(InvalidRequestError, match="width"):
         HoloTensor.encode(weight, calibration=torch.randn(4, 10))
+
+
+def test_calibration_rounds_with_error_feedback():
+    # Correlated inputs (as real activations are): GPTQ trades weight error for output error.
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(192, 256, generator=gen) * 0.02
+    inputs = torch.randn(1024, 48, generator=gen) @ torch.randn(48, 256, generator=gen) \
+        + 0.1 * torch.randn(1024, 256, generator=gen)
+    plain = HoloTensor.encode(weight, rank=0)
+    tuned = HoloTensor.encode(weight, rank=0, calibration=inputs)
+    assert tuned.level_bytes(1) == plain.level_bytes(1) and tuned.level_bytes(2) == plain.level_bytes(2)
+    reference = inputs @ weight.t()
+    plain_out = _rel(inputs @ plain.decode(1).t(), reference)
+    tuned_out = _rel(inputs @ tuned.decode(1).t(), reference)
+    assert tuned_out < 0.7 * plain_out
+    # Level 2 is a residual stage over whatever level 1 rounded to, so it still refines it.
+    for key in ("rel_error", "out_rel_error"):
+        assert tuned.level_fidelity(2)[key] < tuned.level_fidelity(1)[key] / 4
+    assert torch.equal(tuned.decode(3), weight)
+
+
+def test_symmetric_option():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(9))
+    for symmetric, zero_bytes in ((True, 0), (False, 2)):
+        holo = HoloTensor.encode(weight, rank=0, symmetric=symmetric)
+        assert holo.meta["symmetric"] is symmetric
+        assert holo.fragment("scales").shape == (4, 64, 1 + zero_bytes // 2)
+        assert holo.level_fidelity(1)["rel_error"] < 0.15
+    with pytest.raises(InvalidRequestError, match="symmetric"):
+        HoloTensor.encode(weight, symmetric="yes")
 
 
 @pytest.mark.parametrize("tensor", [torch.randn(1000), torch.randn(4, 8), torch.arange(5000).reshape(50, 100)])

@@ -8,6 +8,7 @@ import torch
 
 from torch_arbiter.errors import CorruptFragmentError, FormatError, InvalidRequestError
 from torch_arbiter.holo import INDEX_NAME, HoloCheckpoint, HoloTensor, decode_fragment, save_holo
+from torch_arbiter.holo.format import FORMAT_VERSION
 
 
 @pytest.fixture()
@@ -47,7 +48,7 @@ def test_round_trip_every_level_and_plain_tensors(saved, tensors):
 def test_index_records_every_fragment_and_each_reads_alone(saved, tensors):
     checkpoint = HoloCheckpoint.open(saved)
     index = json.loads((saved / INDEX_NAME).read_text())
-    assert index["version"] == 1
+    assert index["version"] == FORMAT_VERSION
     for fid in checkpoint.fragment_ids():
         entry = checkpoint.fragment_entry(fid)
         assert {"tensor", "level", "file", "offset", "length", "dtype", "shape", "sha256"} <= set(entry)
@@ -124,6 +125,8 @@ def test_truncated_file_and_bad_index_are_format_errors(saved):
     assert "outside" in broken(lambda ix: ix["fragments"][first].update(file="../x"))
     assert "does not list" in broken(lambda ix: ix["fragments"][first].update(tensor="ghost"))
     assert "version" in broken(lambda ix: ix.update(version=99))
+    # Version 1 indexes held the old nested code (no lo_scales): refused, with what to do.
+    assert "re-convert" in broken(lambda ix: ix.update(version=1))
     wrong_shape = next(f for f, e in index["fragments"].items() if e["tensor"] == "layer.weight" and e["name"] == "hi")
 
     def reshape(ix):

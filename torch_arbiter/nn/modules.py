@@ -14,7 +14,8 @@ How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
   fragments). The input is rotated (``(x ⊙ s)·H``, the weight stays rotated) and goes through
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16 activations (the kernel's fast path on
   these CPUs; the fp32 path is ~25x slower); the 8-bit level is one call over ``[x, x]`` against
-  ``[hi | lo]`` codes with the ``lo`` scales (``scale/16``) built on the fly. A decode-then-matmul
+  ``[hi | lo]`` codes with both stages' scales (``kernel_scales`` adds a symmetric stage's implied
+  zero on the fly, a transient like an activation). A decode-then-matmul
   path (dense or tiled per cache-sized chunk) measured slower than the kernel at every batch
   size tried (1 to 128 rows), so prefill uses the kernel too.
 - everything else (CUDA, convs, odd shapes): decode-then-compute from the fragments, the transient
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import HoloTensor, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles, unrotate
+from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, rotate_input,
+                          unpack_nibbles, unrotate)
 
 __all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "int4_kernel_block"]
 
@@ -251,10 +253,9 @@ class HoloLinear(_HoloModule):
         flat = x.reshape(-1, self.in_features)
         rotated = rotate_input(F.pad(flat.float(), (0, meta["padded_features"] - self.in_features)),
                                self._resident["signs"], meta["block"]).to(torch.bfloat16)
-        scales = self._resident["scales"]
+        scales = kernel_scales(self._resident["scales"])
         if self._level >= 2:
-            step = scales[..., :1] / 16
-            scales = torch.cat([scales, torch.cat([step, step / 2], dim=-1)], dim=0)
+            scales = torch.cat([scales, kernel_scales(self._resident["lo_scales"])], dim=0)
             rotated = torch.cat([rotated, rotated], dim=-1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             rotated, self._resident["kernel_codes"], meta["group_size"], scales).to(x.dtype)
@@ -457,13 +458,13 @@ class HoloEmbedding(_HoloModule):
             high = (within >= block // 2).unsqueeze(-1)
             codes = torch.where(high, raw >> 4, raw & 0x0F)
             padded = meta["padded_features"]
-            rows = {"hi": codes[:, :padded], "lo": codes[:, padded:] if level >= 2 else None}
+            hi, lo = codes[:, :padded], codes[:, padded:]
         else:
-            rows = {"hi": unpack_nibbles(resident["hi"][flat]),
-                    "lo": unpack_nibbles(resident["lo"][flat]) if level >= 2 else None}
-        scales = resident["scales"][:, flat]
+            hi = unpack_nibbles(resident["hi"][flat])
+            lo = unpack_nibbles(resident["lo"][flat]) if level >= 2 else None
+        lo_stage = (lo, resident["lo_scales"][:, flat]) if level >= 2 else None
         dtype = torch.float32
-        values = dequantize_codes(rows["hi"], rows["lo"], scales, meta["group_size"], dtype)
+        values = dequantize_codes(hi, resident["scales"][:, flat], lo_stage, meta["group_size"], dtype)
         values = unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
         if self.holo.rank:
             values = values + resident["rank_l"][flat].to(dtype) @ resident["rank_r"].to(dtype)
