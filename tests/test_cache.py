@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cache_invariants import run_and_check_never_lost, same_bytes
 from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
 from torch_arbiter.errors import (
     ArbiterError,
@@ -26,13 +27,6 @@ def _fragment(seed: int, numel: int = 16, dtype: torch.dtype = torch.float32) ->
     return torch.randn(numel, generator=generator).to(dtype)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical: same dtype, shape and bytes (NaN-safe, unlike ==)."""
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-    )
 
 
 @pytest.fixture
@@ -46,7 +40,7 @@ def test_get_promotes_to_the_device_and_keeps_the_lower_copy(cache):
     cache.put("w/0", fragment, HOST)
     assert cache.tiers_of("w/0") == (HOST,)
     got = cache.get("w/0")
-    assert _same(got, fragment) and got.device == cache.config.device
+    assert same_bytes(got, fragment) and got.device == cache.config.device
     assert cache.tiers_of("w/0") == (DEVICE, HOST)
     stats = cache.stats()
     assert (stats.misses[DEVICE], stats.hits[HOST], stats.promotions, stats.bytes_promoted) == (1, 1, 1, 64)
@@ -99,7 +93,7 @@ def test_demote_writes_the_only_copy_down_before_dropping_it(cache, tmp_path):
     assert cache.tiers_of("only-on-device") == (DISK,)
     assert len(list((tmp_path / "spill").glob("*.safetensors"))) == 1
     assert not list((tmp_path / "spill").glob(".*tmp")), "the atomic write left a temporary file"
-    assert _same(cache.get("only-on-device", DEVICE), fragment)
+    assert same_bytes(cache.get("only-on-device", DEVICE), fragment)
     cache.demote("only-on-device", HOST)  # drops DEVICE, keeps DISK: no write needed
     assert cache.tiers_of("only-on-device") == (DISK,)
     assert cache.stats().demotions == 2
@@ -118,7 +112,7 @@ def test_put_replaces_stale_copies_everywhere(cache):
     newer = _fragment(5)
     cache.put("k", newer, HOST)
     assert cache.tiers_of("k") == (HOST,)
-    assert _same(cache.get("k", DEVICE), newer)
+    assert same_bytes(cache.get("k", DEVICE), newer)
 
 
 def test_lru_eviction_pushes_down_and_respects_recency(tmp_path):
@@ -134,7 +128,7 @@ def test_lru_eviction_pushes_down_and_respects_recency(tmp_path):
         cache.put("d", _fragment(13, numel=32), HOST)  # 128 bytes: b must go to DISK
         assert cache.tiers_of("b") == (DISK,)
         for key, tensor in {"a": a, "b": b, "c": c}.items():
-            assert _same(cache.get(key, HOST), tensor)
+            assert same_bytes(cache.get(key, HOST), tensor)
         stats = cache.stats()
         assert stats.resident_bytes[DEVICE] <= 128 and stats.resident_bytes[HOST] <= 128
         assert stats.evictions >= 2 and stats.demotions >= 2
@@ -161,7 +155,7 @@ def test_a_full_spill_of_unique_fragments_refuses_instead_of_losing_one(tmp_path
             cache.put("third", _fragment(32), HOST)  # second would have to go to the full disk
         assert cache.tiers_of("first") == (DISK,) and cache.tiers_of("second") == (HOST,)
         assert cache.tiers_of("third") == ()
-        assert _same(cache.get("second", HOST), second) and _same(cache.get("first", DISK), first)
+        assert same_bytes(cache.get("second", HOST), second) and same_bytes(cache.get("first", DISK), first)
 
 
 def test_evict_drops_one_copy_and_pushes_the_last_one_down(cache):
@@ -175,7 +169,7 @@ def test_evict_drops_one_copy_and_pushes_the_last_one_down(cache):
     with pytest.raises(InsufficientMemoryError, match="lowest writable tier"):
         cache.evict("k", DISK)  # nothing below can take the last copy: it stays
     assert cache.tiers_of("k") == (DISK,)
-    assert _same(cache.get("k"), fragment)
+    assert same_bytes(cache.get("k"), fragment)
 
 
 def test_spill_directory_survives_the_cache_and_is_served_again(tmp_path):
@@ -188,8 +182,8 @@ def test_spill_directory_survives_the_cache_and_is_served_again(tmp_path):
     with FragmentCache(CacheConfig(device="cpu", spill_dir=tmp_path)) as reopened:
         assert set(reopened.keys()) == {"half", "flags", "scalar"}
         assert reopened.tiers_of("half") == (DISK,)
-        assert _same(reopened.get("half"), fragment) and _same(reopened.get("flags"), flags)
-        assert _same(reopened.get("scalar"), torch.tensor(7, dtype=torch.int8))
+        assert same_bytes(reopened.get("half"), fragment) and same_bytes(reopened.get("flags"), flags)
+        assert same_bytes(reopened.get("scalar"), torch.tensor(7, dtype=torch.int8))
         assert reopened.stats().resident_bytes[DISK] == 32 + 3 + 1
 
 
@@ -231,7 +225,7 @@ def test_threads_hammering_the_cache_lose_nothing(tmp_path):
                     if step % 3 == 2:
                         cache.demote(key, CacheTier(1 + step % 2))
                     else:
-                        assert _same(cache.get(key, CacheTier(step % 2)), fragments[key])
+                        assert same_bytes(cache.get(key, CacheTier(step % 2)), fragments[key])
             except BaseException as exc:  # surfaced below: a thread's assert is otherwise silent
                 errors.append(exc)
 
@@ -243,7 +237,7 @@ def test_threads_hammering_the_cache_lose_nothing(tmp_path):
         assert not errors, errors
         assert cache.resident_bytes(DEVICE) <= 256 and cache.resident_bytes(HOST) <= 512
         for key, tensor in fragments.items():
-            assert _same(cache.get(key, HOST), tensor)
+            assert same_bytes(cache.get(key, HOST), tensor)
 
 
 _operation = st.tuples(
@@ -268,28 +262,7 @@ def test_property_a_fragment_is_never_lost(tmp_path_factory, operations, bounded
         disk_capacity_bytes=capacities[DISK],
         spill_dir=tmp_path_factory.mktemp("spill"),
     )
-    expected: dict[str, torch.Tensor] = {}
+    steps = [(operation, f"k{key_index}", tier, _fragment(version, numel) if operation == "put" else None)
+             for version, (operation, key_index, tier, numel) in enumerate(operations)]
     with FragmentCache(config) as cache:
-        for version, (operation, key_index, tier, numel) in enumerate(operations):
-            key = f"k{key_index}"
-            try:
-                if operation == "put":
-                    tensor = _fragment(version, numel)
-                    cache.put(key, tensor, tier)
-                    expected[key] = tensor
-                elif key not in expected:
-                    continue
-                elif operation == "get":
-                    assert _same(cache.get(key, tier), expected[key])
-                elif operation == "demote":
-                    cache.demote(key, tier)
-                else:
-                    cache.evict(key, tier)
-            except InsufficientMemoryError:
-                pass  # a refusal is allowed; a loss is not (checked below)
-            for held_key, tensor in expected.items():
-                tiers = cache.tiers_of(held_key)
-                assert tiers, f"{held_key} was lost after {operation} {key} {tier.name}"
-                assert all(_same(cache._stores[t].read(held_key), tensor) for t in tiers)
-            for bounded_tier, capacity in capacities.items():
-                assert capacity is None or cache.resident_bytes(bounded_tier) <= capacity
+        run_and_check_never_lost(cache, steps, {}, capacities)

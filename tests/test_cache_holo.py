@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
+from cache_invariants import run_and_check_never_lost, same_bytes
 from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
 from torch_arbiter.errors import CorruptFragmentError, FormatError, InsufficientMemoryError, InvalidRequestError
 from torch_arbiter.holo import HoloTensor
@@ -108,12 +109,6 @@ def served(holo_dir):
     server.server_close()
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-    )
 
 
 def test_disk_tier_serves_the_holo_checkpoint_read_only(holo_dir, tmp_path):
@@ -125,7 +120,7 @@ def test_disk_tier_serves_the_holo_checkpoint_read_only(holo_dir, tmp_path):
         assert set(cache.keys()) == set(fragment_ids)
         for fid in fragment_ids:
             assert cache.tiers_of(fid) == (DISK,)
-            assert _same(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
+            assert same_bytes(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
             assert cache.tiers_of(fid) == (DEVICE, DISK)
             cache.demote(fid, DISK)  # the checkpoint already holds it: nothing is written
             assert cache.tiers_of(fid) == (DISK,)
@@ -146,7 +141,7 @@ def test_remote_tier_fetches_each_fragment_with_one_range_request(holo_dir, serv
         assert server.requests == [(f"/{INDEX_NAME}", None)]
         for fid in checkpoint.fragment_ids():
             assert cache.tiers_of(fid) == (REMOTE,)
-            assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+            assert same_bytes(cache.get(fid, HOST), checkpoint.read_fragment(fid))
             entry = checkpoint.fragment_entry(fid)
             path, byte_range = server.requests[-1]
             assert path == "/" + entry["file"]
@@ -167,7 +162,7 @@ def test_remote_fragments_are_staged_on_disk_and_then_read_locally(holo_dir, ser
         assert cache.tiers_of(fid) == (DEVICE, DISK, REMOTE)
         cache.demote(fid, DISK)
         requests_before = len(server.requests)
-        assert _same(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
+        assert same_bytes(cache.get(fid, DEVICE), checkpoint.read_fragment(fid))
         assert len(server.requests) == requests_before, "a staged fragment went back to the network"
 
 
@@ -177,7 +172,7 @@ def test_server_ignoring_range_still_gives_the_right_bytes(holo_dir, tmp_path):
         checkpoint = HoloCheckpoint.open(holo_dir)
         with FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path)) as cache:
             for fid in checkpoint.fragment_ids():
-                assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+                assert same_bytes(cache.get(fid, HOST), checkpoint.read_fragment(fid))
     finally:
         server.shutdown()
         server.server_close()
@@ -254,11 +249,11 @@ def test_bounded_disk_drops_only_copies_the_remote_still_holds(holo_dir, served,
         cache.put("local-only", unique, HOST)
         cache.demote("local-only", DISK)  # evicts staged remote copies to make room
         assert cache.tiers_of("local-only") == (DISK,)
-        assert _same(cache.get("local-only", HOST), unique)
+        assert same_bytes(cache.get("local-only", HOST), unique)
         with pytest.raises(InsufficientMemoryError):
             cache.put("too-big", torch.zeros(capacity + 1, dtype=torch.uint8), DISK)
         for fid in fids:
-            assert _same(cache.get(fid, HOST), checkpoint.read_fragment(fid))
+            assert same_bytes(cache.get(fid, HOST), checkpoint.read_fragment(fid))
 
 
 def test_get_many_overlaps_remote_fetches(holo_dir, tmp_path):
@@ -269,7 +264,7 @@ def test_get_many_overlaps_remote_fetches(holo_dir, tmp_path):
         with FragmentCache(CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path)) as cache:
             got = cache.get_many(fids, DEVICE, max_workers=4)
             assert list(got) == fids
-            assert all(_same(got[fid], checkpoint.read_fragment(fid)) for fid in fids)
+            assert all(same_bytes(got[fid], checkpoint.read_fragment(fid)) for fid in fids)
             assert server.max_in_flight > 1, "fetches ran one after another"
             assert all(cache.tiers_of(fid) == (DEVICE, DISK, REMOTE) for fid in fids)
             with pytest.raises(InvalidRequestError, match="max_workers"):
@@ -293,12 +288,12 @@ def test_a_slow_fetch_does_not_block_other_calls(holo_dir, tmp_path):
             while not server.in_flight:
                 time.sleep(0.01)
             cache.put("local", torch.ones(4), DEVICE)
-            assert _same(cache.get("local", HOST), torch.ones(4))
+            assert same_bytes(cache.get("local", HOST), torch.ones(4))
             cache.demote("local", DISK)
             assert cache.tiers_of(fid) == (REMOTE,)
             assert fetcher.is_alive(), "the fetch finished before the calls above: the check proves nothing"
             fetcher.join()
-            assert _same(result[0], checkpoint.read_fragment(fid))
+            assert same_bytes(result[0], checkpoint.read_fragment(fid))
             assert cache.tiers_of(fid) == (HOST, REMOTE)
     finally:
         server.shutdown()
@@ -350,29 +345,10 @@ def test_property_nothing_is_lost_with_checkpoint_sources(
         remote_url=module_server if source_over_http else None,
     )
     expected = {fid: checkpoint.read_fragment(fid) for fid in fids}
+    steps = []
+    for step, (operation, key_index, tier) in enumerate(operations):
+        key = keys[key_index]
+        local = operation == "put" and key not in fids  # a checkpoint fragment is never put
+        steps.append((operation, key, tier, torch.full((_LOCAL_SIZES[key],), float(step)) if local else None))
     with FragmentCache(config) as cache:
-        for step, (operation, key_index, tier) in enumerate(operations):
-            key = keys[key_index]
-            try:
-                if operation == "put":
-                    if key in fids:
-                        continue
-                    tensor = torch.full((_LOCAL_SIZES[key],), float(step))
-                    cache.put(key, tensor, tier)
-                    expected[key] = tensor
-                elif key not in expected:
-                    continue
-                elif operation == "get":
-                    assert _same(cache.get(key, tier), expected[key])
-                elif operation == "demote":
-                    cache.demote(key, tier)
-                else:
-                    cache.evict(key, tier)
-            except InsufficientMemoryError:
-                pass
-            for held_key, tensor in expected.items():
-                tiers = cache.tiers_of(held_key)
-                assert tiers, f"{held_key} was lost after {operation} {key} {tier.name}"
-                assert all(_same(cache._stores[t].read(held_key), tensor) for t in tiers)
-            for bounded_tier, capacity in capacities.items():
-                assert cache.resident_bytes(bounded_tier) <= capacity
+        run_and_check_never_lost(cache, steps, expected, capacities)
