@@ -303,13 +303,7 @@ class Arbiter:
 
         Same arguments, result and errors; blocks the calling thread while waiting.
         """
-        request = AllocationRequest.build(workload, priority, **options)
-        allocation, waiter = self._submit(request)
-        if waiter is None:
-            return allocation
-        started = time.monotonic()
-        waiter.event.wait(request.timeout)
-        return self._finish_wait(allocation, started)
+        return self._allocate_blocking(AllocationRequest.build(workload, priority, **options))
 
     def try_allocate(
         self,
@@ -326,11 +320,18 @@ class Arbiter:
         request = None
         try:
             request = AllocationRequest.build(workload, priority, **options)
-            options = {**options, "min_quality": request.min_quality}
-            allocation = self.request_allocation_blocking(request.workload, request.priority, **options)
+            allocation = self._allocate_blocking(request)
             return AllocationResult(request, allocation, None, time.monotonic() - started)
         except ArbiterError as exc:
             return AllocationResult(request, None, exc, time.monotonic() - started)
+
+    def _allocate_blocking(self, request: AllocationRequest) -> Allocation:
+        allocation, waiter = self._submit(request)
+        if waiter is None:
+            return allocation
+        started = time.monotonic()
+        waiter.event.wait(request.timeout)
+        return self._finish_wait(allocation, started)
 
     def _submit(self, request: AllocationRequest) -> tuple[Allocation, _Waiter | None]:
         with self._lock:

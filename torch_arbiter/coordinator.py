@@ -117,7 +117,7 @@ class Coordinator:
             if q is None:
                 result[b.key] = QualityAllocation(b.key, False, 0.0, 0)
             else:
-                result[b.key] = QualityAllocation(b.key, True, q, int(q * b.full_bytes) + b.activation_bytes)
+                result[b.key] = QualityAllocation(b.key, True, q, b.bytes_at(q))
         return result
 
     def _admit(
@@ -138,7 +138,7 @@ class Coordinator:
             if waiting and b.priority in blocked_priorities:
                 continue
             start = min(max(b.floor, fixed_quality), b.max_quality) if fixed else b.floor
-            need = int(start * b.full_bytes) + b.activation_bytes
+            need = b.bytes_at(start)
             if used + need <= capacity:
                 admitted.append(b)
                 quality[b.key] = start
@@ -189,10 +189,10 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
         level = position
         slope += delta
     base = [(b, quality[b.key]) for b in members]
-    before = sum(int(q * b.full_bytes) for b, q in base)
+    before = sum(b.bytes_at(q) for b, q in base)
     while True:  # the exact solution can overshoot by a byte in floating point: shave until it fits
         raised = [(b, level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)) for b, q in base]
-        if sum(int(q * b.full_bytes) for b, q in raised) - before <= left:
+        if sum(b.bytes_at(q) for b, q in raised) - before <= left:
             break
         level -= max(1e-15, abs(level) * 1e-12)
     for b, q in raised:
