@@ -333,3 +333,14 @@ def test_closed_arbiter_refuses_requests():
 def test_auto_detect_on_this_machine_gives_a_virtual_device():
     cfg = ArbiterConfig.auto_detect(virtual_gb=3)
     assert cfg.device == "cpu" and cfg.vram_bytes == 3 * GIB
+
+
+def test_used_bytes_follow_the_models_curve(arbiter):
+    curve = [(0.5, 3 * GIB), (0.75, 5 * GIB), (1.0, 8 * GIB)]
+    a = arbiter.request_allocation_blocking(LLM, Priority.HIGH, bytes=8 * GIB, curve=curve, activation_bytes=GIB)
+    assert a.min_quality == 0.5 and a.quality == 1.0 and a.used_bytes == 9 * GIB
+    b = arbiter.request_allocation_blocking(LLM, Priority.CRITICAL, bytes=8 * GIB, activation_bytes=0)
+    assert 0.75 <= a.quality < 1.0 and a.used_bytes == 6 * GIB <= a.granted_bytes
+    b.release()
+    a.release()
+    assert a.used_bytes == 0
