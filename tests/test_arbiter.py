@@ -344,3 +344,23 @@ def test_used_bytes_follow_the_models_curve(arbiter):
     b.release()
     a.release()
     assert a.used_bytes == 0
+
+
+def test_a_waiter_suspended_again_before_it_wakes_keeps_waiting(arbiter):
+    """Found by the thread-hammering test: a wake-up is a hint, the grant is checked again."""
+    holder = arbiter.request_allocation_blocking(VIDEO, Priority.HIGH, bytes=16 * GIB, min_quality=1.0, activation_bytes=0)
+    granted = []
+    waiter = threading.Thread(target=lambda: granted.append(arbiter.request_allocation_blocking(
+        IMAGE, Priority.NORMAL, bytes=10 * GIB, min_quality=1.0, activation_bytes=0, timeout=10)))
+    waiter.start()
+    while arbiter.state().waiting < 1:
+        time.sleep(0.005)
+    with arbiter._lock:  # the waiting thread cannot look between the two steps
+        holder.release()  # admits the waiter and wakes it...
+        critical = arbiter.request_allocation_blocking(LLM, Priority.CRITICAL, bytes=16 * GIB, min_quality=1.0, activation_bytes=0)
+    time.sleep(0.2)  # ...but it was suspended again before it could look
+    assert not granted and waiter.is_alive()
+    critical.release()
+    waiter.join(5)
+    assert granted and granted[0].state is AllocationState.ACTIVE
+    assert arbiter.stats().timeouts == 0

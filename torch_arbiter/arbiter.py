@@ -206,6 +206,10 @@ class _Waiter:
             self.loop.call_soon_threadsafe(_resolve, self.future)
 
 
+def _remaining(timeout: float | None, started: float) -> float | None:
+    return None if timeout is None else timeout - (time.monotonic() - started)
+
+
 def _resolve(future: "asyncio.Future[None]") -> None:
     if not future.done():
         future.set_result(None)
@@ -280,18 +284,22 @@ class Arbiter:
         if waiter is None:
             return allocation
         waiter.loop = asyncio.get_running_loop()
-        waiter.future = waiter.loop.create_future()
-        if waiter.event.is_set():
-            _resolve(waiter.future)
         started = time.monotonic()
         try:
-            await asyncio.wait_for(waiter.future, request.timeout)
-        except asyncio.TimeoutError:
-            pass
+            while not self._claim(allocation, waiter, started):
+                remaining = _remaining(request.timeout, started)
+                if remaining is not None and remaining <= 0:
+                    self._time_out(allocation, started)
+                try:
+                    await asyncio.wait_for(waiter.future, remaining)
+                except asyncio.TimeoutError:
+                    pass
+        except AllocationTimeoutError:
+            raise
         except BaseException:
             self._abandon(allocation, started, timed_out=False)
             raise
-        return self._finish_wait(allocation, started)
+        return allocation
 
     def request_allocation_blocking(
         self,
@@ -330,8 +338,12 @@ class Arbiter:
         if waiter is None:
             return allocation
         started = time.monotonic()
-        waiter.event.wait(request.timeout)
-        return self._finish_wait(allocation, started)
+        while not self._claim(allocation, waiter, started):
+            remaining = _remaining(request.timeout, started)
+            if remaining is not None and remaining <= 0:
+                self._time_out(allocation, started)
+            waiter.event.wait(remaining)
+        return allocation
 
     def _submit(self, request: AllocationRequest) -> tuple[Allocation, _Waiter | None]:
         with self._lock:
@@ -368,14 +380,28 @@ class Arbiter:
         self._notify(changes)
         return allocation, waiter
 
-    def _finish_wait(self, allocation: Allocation, started: float) -> Allocation:
+    def _claim(self, allocation: Allocation, waiter: _Waiter, started: float) -> bool:
+        """Take the grant if the allocation is active now; else re-arm the waiter.
+
+        A wake-up is only a hint: between it and this check another rebalance may have
+        suspended the allocation again, so the state is checked under the lock, and the
+        waiter is cleared there too (wakes happen under the same lock, so none is lost).
+        """
         with self._lock:
-            self._waiters.pop(allocation.id, None)
-            waited = time.monotonic() - started
-            self._stats.total_wait_s += waited
             if allocation.state is AllocationState.ACTIVE:
+                self._waiters.pop(allocation.id, None)
+                self._stats.total_wait_s += time.monotonic() - started
                 self._stats.grants += 1
-                return allocation
+                return True
+            waiter.event.clear()
+            if waiter.loop is not None:
+                waiter.future = waiter.loop.create_future()
+            return False
+
+    def _time_out(self, allocation: Allocation, started: float) -> None:
+        waited = time.monotonic() - started
+        with self._lock:
+            self._stats.total_wait_s += waited
         self._abandon(allocation, started, timed_out=True)
         raise AllocationTimeoutError(
             f"{allocation.name}: no memory within {allocation.request.timeout} s (waited {waited:.2f} s): "
@@ -600,7 +626,7 @@ class Arbiter:
             if target.admitted:
                 alloc.state = AllocationState.ACTIVE
                 alloc.quality, alloc.granted_bytes = target.quality, target.granted_bytes
-                if old_state is AllocationState.WAITING and alloc.id in self._waiters:
+                if alloc.id in self._waiters:  # a request still waiting: admitted now (again)
                     self._waiters[alloc.id].wake()
                 elif old_state is AllocationState.SUSPENDED:
                     self._stats.resumptions += 1
