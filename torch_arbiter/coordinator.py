@@ -192,12 +192,13 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
     before = sum(b.bytes_at(q) for b, q in base)
     while True:  # the exact solution can overshoot by a byte in floating point: shave until it fits
         raised = [(b, level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)) for b, q in base]
-        if sum(b.bytes_at(q) for b, q in raised) - before <= left:
+        granted = sum(b.bytes_at(q) for b, q in raised) - before
+        if granted <= left:
             break
         level -= max(1e-15, abs(level) * 1e-12)
     for b, q in raised:
         quality[b.key] = q
-    # Charge the group its real-valued cost (each member's integer grant truncates, so the
-    # grants never add up to more), not the truncated grants, so that rounding crumbs never
-    # pass to a lower group ahead of a higher one.
-    return min(left, math.ceil(cost))
+    # Charge the group at least its real-valued cost, so that rounding crumbs never pass to a
+    # lower group ahead of a higher one, and at least its integer grants (truncating the
+    # starting quality can make those a byte per member more), so the total never overshoots.
+    return min(left, max(granted, math.ceil(cost)))
