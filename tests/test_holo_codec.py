@@ -46,22 +46,23 @@ def test_round_trip_any_shape_and_dtype(out, inp, dtype, group, seed, rotate):
     if top == 3:
         errors = [holo.level_fidelity(k)["rel_error"] for k in (1, 2, 3)]
         assert errors[0] > errors[1] > errors[2] == 0.0
-        assert errors[0] < 0.2 and errors[1] < 0.02
+        # Widths far below the group are mostly padding, which prices a zero per group high.
+        assert errors[0] < (0.2 if inp >= group else 0.25) and errors[1] < 0.02
 
 
 def test_levels_bytes_and_fidelity_of_a_linear_weight():
     weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)) * 0.02
-    holo = HoloTensor.encode(weight, rank=0)
+    holo = HoloTensor.encode(weight, rank=0, group_size=64)
     assert holo.scheme == "nested4x2" and holo.num_levels == 3
     # Rotated Gaussian-like weights take the symmetric grid: one bf16 scale per group of 64.
     assert holo.meta["symmetric"] is True
     assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.25 + 8 * 512 / weight.numel())
-    assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.5 + 8 * 512 / weight.numel())
+    assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.375 + 8 * 512 / weight.numel())
     assert _rel(holo.decode(1), weight) == pytest.approx(holo.level_fidelity(1)["rel_error"], rel=1e-4)
     assert _rel(holo.decode(2), weight) == pytest.approx(holo.level_fidelity(2)["rel_error"], rel=1e-4)
-    # Going up a level moves only the residual stage: lo nibbles and one bf16 scale per group.
-    assert holo.level_bytes(2) - holo.level_bytes(1) == weight.numel() // 2 + weight.numel() // 64 * 2
-    assert set(holo.level_fragments(2)) - set(holo.level_fragments(1)) == {"lo", "lo_scales"}
+    # Going up a level moves only the residual stage: lo nibbles and one uint8 ratio per group.
+    assert holo.level_bytes(2) - holo.level_bytes(1) == weight.numel() // 2 + weight.numel() // 64
+    assert set(holo.level_fragments(2)) - set(holo.level_fragments(1)) == {"lo", "lo_ratio"}
     assert holo.level_fragments(3) == ["exact"]
 
 
@@ -87,10 +88,33 @@ def test_weights_on_a_4bit_grid_are_kept_unrotated():
     assert holo.meta["rotated"] is False and holo.meta["block"] == 1
     assert holo.level_fidelity(1)["rel_error"] < 0.01
     assert _rel(holo.decode(1), weight) < 0.01
-    assert HoloTensor.encode(weight, rank=0).level_fidelity(1)["rel_error"] > 0.05
+    assert HoloTensor.encode(weight, rank=0, rotate=True).level_fidelity(1)["rel_error"] > 0.05
     outliers = torch.randn(128, 256, generator=gen)
     outliers[:, 3] *= 30  # an outlier input channel: the rotation measures better
     assert HoloTensor.encode(outliers, rank=0, rotate="auto").meta["rotated"] is True
+
+
+def test_auto_grid_finds_the_group_size_a_weight_was_quantised_with():
+    # A dequantised Q4_1-like weight: asymmetric 4-bit blocks of 32 along the input.
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (96, 512), generator=gen).float()
+    blocks = torch.rand(96, 16, 1, generator=gen).add(0.5) * 0.01
+    offsets = torch.randn(96, 16, 1, generator=gen) * 0.01
+    weight = (codes.view(96, 16, 32) * blocks + offsets).view(96, 512)
+    holo = HoloTensor.encode(weight, rank=0)
+    assert (holo.meta["group_size"], holo.meta["rotated"], holo.meta["symmetric"]) == (32, False, False)
+    # Back on its own grid, up to the bf16 rounding of scale and zero.
+    assert holo.level_fidelity(1)["rel_error"] < 0.02
+    assert HoloTensor.encode(weight, rank=0, group_size=64, rotate=True).level_fidelity(1)["rel_error"] > 0.05
+    # A gaussian weight with an outlier input channel has no such grid: it is rotated onto a
+    # symmetric grid, and a coarser group is not worse per bit than the 32 above.
+    natural = torch.randn(96, 512, generator=gen)
+    natural[:, 5] *= 20
+    plain = HoloTensor.encode(natural, rank=0)
+    assert plain.meta["rotated"] is True and plain.meta["symmetric"] is True
+    assert plain.meta["group_size"] in (64, 128)
+    with pytest.raises(InvalidRequestError, match="group_size"):
+        HoloTensor.encode(weight, group_size="big")
 
 
 def test_rank_branch_kept_when_it_pays_and_decodes():
@@ -142,7 +166,7 @@ def test_calibration_rounds_with_error_feedback():
 def test_symmetric_option():
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(9))
     for symmetric, zero_bytes in ((True, 0), (False, 2)):
-        holo = HoloTensor.encode(weight, rank=0, symmetric=symmetric)
+        holo = HoloTensor.encode(weight, rank=0, symmetric=symmetric, group_size=64)
         assert holo.meta["symmetric"] is symmetric
         assert holo.fragment("scales").shape == (4, 64, 1 + zero_bytes // 2)
         assert holo.level_fidelity(1)["rel_error"] < 0.15

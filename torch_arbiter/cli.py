@@ -22,9 +22,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .holo.convert import convert, format_summary
 
-    rank = args.rank if args.rank == "auto" else int(args.rank)
     summary = convert(args.src, args.dst, gguf_file=args.gguf_file, group_size=args.group_size,
-                      rank=rank, overwrite=args.overwrite, progress=not args.no_progress)
+                      rank=args.rank, overwrite=args.overwrite, progress=not args.no_progress)
     print(format_summary(summary))
     return 0
 
@@ -36,10 +35,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank_option(value: str) -> str:
-    if value == "auto" or value.isdigit():
+def _auto_or_int(value: str) -> str | int:
+    if value == "auto":
         return value
-    raise argparse.ArgumentTypeError("--rank takes 'auto' or a non-negative integer")
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a non-negative integer, got {value!r}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,10 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="transformers model dir, diffusers pipeline dir, or .safetensors file")
     conv.add_argument("dst", help="destination directory of the holo checkpoint (must not exist)")
     conv.add_argument("--gguf-file", default=None, help="GGUF file name inside SRC (dequantised by transformers)")
-    conv.add_argument("--group-size", type=int, default=64, help="weights per scale group (default 64)")
-    conv.add_argument("--rank", type=_rank_option, default="auto",
+    conv.add_argument("--group-size", type=_auto_or_int, default="auto",
+                      help="weights per scale group: 'auto' (32, 64 or 128 per tensor, by measured error "
+                           "per bit) or an even integer")
+    conv.add_argument("--rank", type=_auto_or_int, default="auto",
                       help="low-rank branch: 'auto' (kept where it measures better per byte), 0, or a rank")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")

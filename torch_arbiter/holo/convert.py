@@ -137,7 +137,7 @@ def _gguf_source(src: Path, gguf_file: str):
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | None = None,
-            group_size: int = 64, rank: int | str = "auto", overwrite: bool = False,
+            group_size: int | str = "auto", rank: int | str = "auto", overwrite: bool = False,
             progress: bool = True) -> ConversionSummary:
     """Encode every tensor of a model on disk into a holo checkpoint at ``dst`` (atomic).
 

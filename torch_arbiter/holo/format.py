@@ -52,7 +52,7 @@ __all__ = [
 
 INDEX_NAME = "holo_index.json"
 FORMAT_NAME = "torch-arbiter-holo"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHARD_BYTES = 1 << 30
 _SEPARATOR = "::"
 

@@ -56,7 +56,7 @@ class HoloTensorConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, workload: Any = "llm_inference", priority: Any = "normal", name: str | None = None,
-                 holo_dir: str | os.PathLike | None = None, group_size: int = 64, rank: Any = "auto",
+                 holo_dir: str | os.PathLike | None = None, group_size: int | str = "auto", rank: Any = "auto",
                  register: bool = True, quality: float | None = None, arbiter=None, **unused: Any):
         self.quant_method = HOLO_QUANT_METHOD
         self.workload = _workload_name(workload)

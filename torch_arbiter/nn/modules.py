@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, rotate_input,
-                          unpack_nibbles, unrotate)
+from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, residual_scales,
+                          rotate_input, unpack_nibbles, unrotate)
 
 __all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "int4_kernel_block"]
 
@@ -255,7 +255,8 @@ class HoloLinear(_HoloModule):
                                self._resident["signs"], meta["block"]).to(torch.bfloat16)
         scales = kernel_scales(self._resident["scales"])
         if self._level >= 2:
-            scales = torch.cat([scales, kernel_scales(self._resident["lo_scales"])], dim=0)
+            lo_scales = residual_scales(self._resident["scales"], self._resident["lo_ratio"])
+            scales = torch.cat([scales, kernel_scales(lo_scales)], dim=0)
             rotated = torch.cat([rotated, rotated], dim=-1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             rotated, self._resident["kernel_codes"], meta["group_size"], scales).to(x.dtype)
@@ -462,7 +463,7 @@ class HoloEmbedding(_HoloModule):
         else:
             hi = unpack_nibbles(resident["hi"][flat])
             lo = unpack_nibbles(resident["lo"][flat]) if level >= 2 else None
-        lo_stage = (lo, resident["lo_scales"][:, flat]) if level >= 2 else None
+        lo_stage = (lo, resident["lo_ratio"][:, flat]) if level >= 2 else None
         dtype = torch.float32
         values = dequantize_codes(hi, resident["scales"][:, flat], lo_stage, meta["group_size"], dtype)
         values = unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
