@@ -389,3 +389,29 @@ def test_a_refused_registration_leaves_the_model_unpatched():
         patch(model, arbiter, activation_bytes=0, progress=False)
     assert _state_equal(model, reference) and managed_model_of(model) is None
     assert type(model.up) is nn.Linear
+
+
+def test_calibration_encodes_each_linear_on_its_own_inputs():
+    model, reference = _small_model(), _small_model()
+    tokens, image = _inputs()
+    seen = []
+    managed = patch(model, register=False, progress=False,
+                    calibration=lambda m: seen.append(m) or m(tokens, image))
+    assert seen == [model]  # run once, on the model itself, before any layer was swapped
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, HoloLinear)}
+    others = [m for m in model.modules() if isinstance(m, (HoloConv2d, HoloEmbedding))]
+    # Calibrated levels record the output error on those inputs; uncalibrated ones do not.
+    assert all("out_rel_error" in m.holo.level_fidelity(1) for m in linears.values())
+    assert not any("out_rel_error" in m.holo.level_fidelity(1) for m in others if m.holo.num_levels > 1)
+    managed.unpatch()
+    assert _state_equal(model, reference)
+
+
+def test_bad_calibration_is_refused_and_leaves_the_model_alone():
+    model, reference = _small_model(), _small_model()
+    with pytest.raises(PatchError, match="callable, a tensor or a dict"):
+        patch(model, register=False, progress=False, calibration=3.5)
+    with pytest.raises(InvalidRequestError, match="reached no nn.Linear"):
+        patch(model, register=False, progress=False, calibration=lambda m: None)
+    assert managed_model_of(model) is None and _state_equal(model, reference)
+    assert not any(isinstance(m, HoloLinear) for m in model.modules())

@@ -25,7 +25,7 @@ Skipped (kept as they are, counted as fixed bytes by the caller):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -188,7 +188,8 @@ def _empty_like(param: nn.Parameter) -> torch.Tensor:
 
 def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckpoint | None = None,
                     encode_options: dict | None = None, progress: bool = True,
-                    description: str | None = None) -> list[SwappedLayer]:
+                    description: str | None = None,
+                    calibration: Mapping[nn.Module, torch.Tensor] | None = None) -> list[SwappedLayer]:
     """Replace every swappable layer of ``root`` by a Holo module (all or nothing).
 
     Args:
@@ -200,6 +201,10 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
         encode_options: passed to :meth:`HoloTensor.encode` (``group_size``, ``rank``, ...).
         progress: show a tqdm bar.
         description: the bar's label.
+        calibration: input rows per layer (from
+            :func:`~torch_arbiter.holo.calibrate.collect_linear_inputs`), passed to
+            :meth:`HoloTensor.encode` as ``calibration=`` for the layers it has (ignored when
+            reading a checkpoint).
 
     Returns:
         The swapped layers in module order, embeddings tied to a head last (empty when ``root``
@@ -231,7 +236,8 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
                 names.append(f"{prefix}{target.name}.weight")
                 tensor_name = names[0]
                 holo = _holo_from_checkpoint(checkpoint, names, module) if checkpoint is not None else None
-                replacement = _build_holo(module, holo, options)
+                inputs = (calibration or {}).get(module)
+                replacement = _build_holo(module, holo, options if inputs is None else {**options, "calibration": inputs})
             parent, attribute = _parent_of(root, target.name)
             setattr(parent, attribute, replacement)
             layer = SwappedLayer(tensor_name, parent, attribute, module, replacement, tied=target.head is not None)
