@@ -243,6 +243,20 @@ def test_plan_buys_precision_where_error_falls_most_per_byte():
     assert plan_quality(tensors, q) == {"a_smooth": 1, "b_heavy": 2}
 
 
+def test_calibrated_plan_ranks_by_weight_times_output_error():
+    gen = torch.Generator().manual_seed(2)
+    inputs = torch.randn(128, 256, generator=gen)
+    tensors = {name: HoloTensor.encode(torch.randn(256, 256, generator=gen), rank=0, calibration=inputs)
+               for name in ("a", "b")}
+    levels = {name: t.meta["levels"][0]["fidelity"] for name, t in tensors.items()}
+    # "a" looks worse by its own output error, "b" by the product with its weight error.
+    levels["a"].update(rel_error=0.05, out_rel_error=0.2)
+    levels["b"].update(rel_error=0.5, out_rel_error=0.1)
+    full = sum(t.full_bytes for t in tensors.values())
+    q = (tensors["a"].level_bytes(1) + tensors["b"].level_bytes(2)) / full
+    assert plan_quality(tensors, q) == {"a": 1, "b": 2}
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, "x", None])
 def test_plan_rejects_bad_quality(bad):
     with pytest.raises(InvalidRequestError):
