@@ -58,6 +58,7 @@ round-to-nearest. bf16 scales cost a little precision (measured, and recorded in
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -655,7 +656,16 @@ def kernel_scales(scales: torch.Tensor) -> torch.Tensor:
     """
     if scales.shape[-1] == 2:
         return scales
-    return torch.cat([scales, scales / 2], dim=-1)
+    flat = scales.reshape(scales.shape[:-1])
+    if flat.dtype != torch.bfloat16 or sys.byteorder != "little":
+        return torch.stack([flat, flat / 2], dim=-1)
+    # Writing an innermost dimension of 2 element by element measured ~50 us per call on the CPU,
+    # a third of a small layer's whole forward. So build each (scale, zero) pair as one int32:
+    # scales are positive normal bf16 (the encoder keeps them >= 1e-30), so their int16 bits are
+    # non-negative, halving one is its exponent minus one (bits - 0x80), and on little-endian
+    # machines the low half (the scale) comes first.
+    pairs = flat.view(torch.int16).to(torch.int32).mul_(0x10001).sub_(0x80 << 16)
+    return pairs.view(torch.bfloat16).view(*flat.shape, 2)
 
 
 def _fit_groups(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -827,7 +837,7 @@ def residual_scales(scales: torch.Tensor, lo_ratio: torch.Tensor) -> torch.Tenso
     Returns:
         ``[G, out, 1]`` scales of the residual stage (``w₂ = (lo - 7.5)·scale₂``), a transient.
     """
-    return scales[..., :1] * _ratio_value(lo_ratio, scales.dtype).unsqueeze(-1)
+    return (scales[..., 0] * _ratio_value(lo_ratio, scales.dtype)).unsqueeze(-1)
 
 
 def _auto_rank(out: int, in_features: int) -> int:

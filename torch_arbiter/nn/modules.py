@@ -242,8 +242,7 @@ class HoloLinear(_HoloModule):
         # Decode path: rotate the input rather than un-rotate the weight (fewer flops per call).
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
-        rotated = rotate_input(F.pad(flat, (0, meta["padded_features"] - self.in_features)),
-                               self._resident["signs"], meta["block"])
+        rotated = rotate_input(_padded(flat, meta["padded_features"]), self._resident["signs"], meta["block"])
         out = F.linear(rotated, dequantize_rotated(self._resident, meta, self._level, x.dtype))
         out = self._add_rank_and_bias(out, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -251,8 +250,8 @@ class HoloLinear(_HoloModule):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
-        rotated = rotate_input(F.pad(flat.float(), (0, meta["padded_features"] - self.in_features)),
-                               self._resident["signs"], meta["block"]).to(torch.bfloat16)
+        rotated = rotate_input(_padded(flat.float(), meta["padded_features"]), self._resident["signs"],
+                               meta["block"]).to(torch.bfloat16)
         scales = kernel_scales(self._resident["scales"])
         if self._level >= 2:
             lo_scales = residual_scales(self._resident["scales"], self._resident["lo_ratio"])
@@ -475,6 +474,11 @@ class HoloEmbedding(_HoloModule):
         o = self.embedding_options
         tied = ", tied to a head" if self._tied_head is not None else ""
         return f"{o['num_embeddings']}, {o['embedding_dim']}, level={self.level}/{self.num_levels}{tied}"
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` zero-padded on its last dimension to ``width`` (``x`` itself when already that wide)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
