@@ -20,6 +20,11 @@ What it does (one GPU, a few minutes):
    typed error naming who holds what).
 5. In a child process, installs the library globally (``install()`` before CUDA starts) and times
    the same LLM forward (no caching on top: every tensor is a cudaMalloc).
+6. Holo modules on CUDA: a ``HoloLinear``, ``HoloConv2d`` and ``HoloEmbedding`` at every level
+   against the original module (output error against the CPU decode of that level, bit-exact at
+   the top, forward time ratio), then ``patch()`` of the LLM on the device, moved through
+   qualities: ``resident_bytes == bytes_at(q)`` and ``torch.cuda.memory_allocated`` falls with
+   quality (no hidden full copy on the device).
 
     python scripts/gpu_check.py [--device 0] [--iters 20]
 
@@ -303,12 +308,82 @@ def main(argv: list[str] | None = None) -> int:
               f"({global_mode['warm_ms'] / native['llm_ms'][1]:.2f}x native warm); ledger default workload {global_mode['ledger_used'] / MIB:.1f} MiB")
     stats = ta_alloc.stats()
     print(f"\nallocator stats (this process): {stats}")
+    failures += check_holo_modules(device, args.iters)
     for allocation in (llm_alloc, unet_alloc):
         allocation.release()
     arbiter.close()
     ledger.unlink()  # the segment's name; this process's mapping lives until it exits
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
+
+
+def check_holo_modules(device: torch.device, iters: int) -> int:
+    """Holo modules at every level on ``device`` against the originals; returns the failures."""
+    from torch import nn
+
+    from torch_arbiter import patch
+    from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear
+
+    torch.manual_seed(0)
+    failures = 0
+    cases = [
+        ("linear 4096->4096, 1 row", nn.Linear(4096, 4096), lambda: torch.randn(1, 4096), HoloLinear.from_linear),
+        ("linear 4096->4096, 512 rows", nn.Linear(4096, 4096), lambda: torch.randn(512, 4096), HoloLinear.from_linear),
+        ("conv 64->128 3x3, 8x32x32", nn.Conv2d(64, 128, 3, padding=1), lambda: torch.randn(8, 64, 32, 32),
+         HoloConv2d.from_conv),
+        ("embedding 49152x576, 128 ids", nn.Embedding(49152, 576), lambda: torch.randint(0, 49152, (1, 128)),
+         HoloEmbedding.from_embedding),
+    ]
+    print("\nholo modules on %s (ms warm median of %d; error = max |out - out of the CPU-decoded level| / max |out|):" % (device, iters))
+    print(f"  {'case':<30} {'level':<6} {'ms':>8} {'x original':>10} {'rel error':>10}")
+    with torch.no_grad():
+        for label, original, make_input, build in cases:
+            holo = build(original)
+            x_cpu = make_input()
+            original_dev, holo_dev, x = original.to(device), holo.to(device), x_cpu.to(device)
+            base = time_forward(lambda: original_dev(x), iters, torch.cuda.empty_cache)[1]
+            print(f"  {label:<30} {'orig':<6} {base:8.3f} {1.0:10.2f} {'':>10}")
+            for level in range(1, holo.num_levels + 1):
+                holo_dev.set_level(level)
+                out = holo_dev(x)
+                reference = _reference_at(original, holo, level, x_cpu).to(device)
+                if level == holo.num_levels:
+                    exact = torch.equal(out, original_dev(x))
+                    error, ok = (0.0 if exact else float("nan")), exact
+                else:
+                    error = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+                    ok = error < 2e-2
+                ms = time_forward(lambda: holo_dev(x), iters, torch.cuda.empty_cache)[1]
+                print(f"  {'':<30} {holo.holo.level_fidelity(level)['label']:<6} {ms:8.3f} {ms / base:10.2f} "
+                      f"{error:10.2e}{'' if ok else '  <- FAILED'}")
+                failures += not ok
+
+        llm = build_llm().to(device)
+        before = torch.cuda.memory_allocated(device)
+        managed = patch(llm, register=False, progress=False)
+        print(f"  patch() of the llama on {device}: {len(managed.levels)} holo layers")
+        previous = None
+        for q in (1.0, 0.6, 0.3, managed.min_quality):
+            managed.set_quality(q)
+            torch.cuda.synchronize(device)
+            allocated = torch.cuda.memory_allocated(device)
+            logits = llm_forward(llm, device, 1)
+            ok = managed.resident_bytes == managed.bytes_at(q) and torch.isfinite(logits).all().item() and (
+                previous is None or allocated < previous)
+            print(f"    q={q:.3f}: resident {managed.resident_bytes / MIB:8.1f} MiB = bytes_at {managed.bytes_at(q) / MIB:8.1f} MiB, "
+                  f"cuda allocated {allocated / MIB:8.1f} MiB (unpatched {before / MIB:.1f}){'' if ok else '  <- FAILED'}")
+            failures += not ok
+            previous = allocated
+        managed.unpatch()
+    return failures
+
+
+def _reference_at(original, holo, level: int, x_cpu: torch.Tensor) -> torch.Tensor:
+    """The original module's forward on the CPU with its weight replaced by the level's decode."""
+    from torch.func import functional_call
+
+    weight = holo.holo.decode(level, dtype=original.weight.dtype)
+    return functional_call(original, {**dict(original.named_parameters()), "weight": weight}, (x_cpu,))
 
 
 if __name__ == "__main__":
