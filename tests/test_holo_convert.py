@@ -45,6 +45,17 @@ def test_convert_a_safetensors_file_and_inspect(tmp_path, capsys):
     assert "not a holo checkpoint" in capsys.readouterr().err
 
 
+def test_convert_group_size_option(tmp_path, capsys):
+    source = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(64, 256, generator=torch.Generator().manual_seed(0))}, source)
+    assert cli_main(["convert", str(source), str(tmp_path / "g32"), "--no-progress", "--group-size", "32"]) == 0
+    assert HoloCheckpoint.open(tmp_path / "g32").load_tensor("w").meta["group_size"] == 32
+    with pytest.raises(SystemExit):
+        cli_main(["convert", str(source), str(tmp_path / "bad"), "--group-size", "big"])
+    assert "expected 'auto' or a non-negative integer" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_convert_refuses_pickle_only_dirs(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"not unpickled")
