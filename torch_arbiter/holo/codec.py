@@ -22,7 +22,7 @@ read the same way). ``K`` is zero-padded to ``Kp``, a multiple of the group size
    (bf16 scale and zero, ``w = (q - 8)·scale + zero``). Rotation, grid and group size are chosen
    together per tensor by measured round-to-nearest error on a row sample, each candidate's extra
    bits priced at 4x squared error per bit (:func:`_choose_grid`).
-   Each group's grid covers its whole range (no clipping, see :func:`_fit_groups`). The codes are rounded to
+   Level 1's grid covers each group's whole range (see :data:`_RESIDUAL_CLIPS`). The codes are rounded to
    nearest, or, given calibration inputs, with GPTQ error feedback: each column's rounding error
    is pushed onto the columns not yet rounded through the inverse of the inputs' ``XᵀX``, which
    lowers the layer's output error. Both stages are stored in the ``[K/g, out, 1|2]`` layout of
@@ -668,29 +668,58 @@ def kernel_scales(scales: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.bfloat16).view(*flat.shape, 2)
 
 
-def _fit_groups(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group grid ``(q - 8)·scale + zero``, q in 0..15, covering each group's whole range.
+#: Shrink factors of a group's range tried when fitting the *residual* stage's grid. Level 1 is
+#: never clipped: clipping a group's outliers there measured a slightly lower level-1 error at
+#: g=64 but left level 2 a residual as wide as the clipped part, doubling its error (MiniLM: level
+#: 2 at 0.0133 relative error clipped, 0.0067 not; level 1 within 1 % either way at g=128).
+#: Level 2 has no quantised level above it, so it may clip.
+_RESIDUAL_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
-    No value is clipped: clipping a group's outliers measured a slightly lower level-1 error at
-    g=64 but left level 2 a residual as wide as the clipped part, doubling its error (MiniLM:
-    level 2 at 0.0133 relative error clipped, 0.0067 not; level 1 within 1 % either way at g=128).
+
+def _fit_groups(groups: torch.Tensor, symmetric: bool,
+                clips: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group grid ``(q - 8)·scale + zero``, q in 0..15, of lowest round-to-nearest error.
 
     Args:
         groups: ``[out, G, g]`` values.
         symmetric: scale-only grid centred on 0 (``zero = scale / 2``), else scale and zero.
+        clips: shrink factors of each group's range to try (1.0: the grid covers the whole range).
 
     Returns:
         ``scale`` and ``zero``, each ``[out, G]`` fp32 holding bf16-representable values (what is
-        stored); the scale is rounded up so the grid still covers the range.
+        stored), the best factor chosen per group.
     """
     if symmetric:
-        scale = _round_up_bf16(torch.clamp_min(groups.abs().amax(-1) / 7.5, 1e-30)).float()
-        return scale, scale / 2
-    low, high = torch.aminmax(groups, dim=-1)
-    zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()
-    # The grid must cover [low, high] around the rounded zero.
-    scale = _round_up_bf16(torch.clamp_min(torch.maximum((zero - low) / 8, (high - zero) / 7), 1e-30)).float()
-    return scale, zero
+        amax = groups.abs().amax(-1)
+        centre, half = torch.zeros_like(amax), amax
+    else:
+        low, high = torch.aminmax(groups, dim=-1)
+        centre, half = (low + high) / 2, (high - low) / 2
+    best_scale = best_zero = best_err = None
+    for factor in clips:
+        low, high = centre - half * factor, centre + half * factor
+        if symmetric:
+            scale = _round_up_bf16(torch.clamp_min(high / 7.5, 1e-30)).float()
+            zero = scale / 2
+        else:
+            zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()
+            # The grid must cover [low, high] around the rounded zero.
+            scale = _round_up_bf16(torch.clamp_min(torch.maximum((zero - low) / 8, (high - zero) / 7),
+                                                   1e-30)).float()
+        if len(clips) == 1:
+            return scale, zero
+        base = (zero - 8 * scale).unsqueeze(-1)
+        step = scale.unsqueeze(-1)
+        err = torch.sub(groups, base).div_(step).round_().clamp_(0, 15).mul_(step).add_(base)
+        err = err.sub_(groups).square_().sum(-1)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+            best_err = torch.minimum(err, best_err)
+    return best_scale, best_zero
 
 
 def _stored_scales(scale: torch.Tensor, zero: torch.Tensor, symmetric: bool) -> torch.Tensor:
@@ -799,7 +828,7 @@ def _quantize_groups(rotated: torch.Tensor, group_size: int, symmetric: bool,
     if columns is not None:
         residual.view(out, -1)[:, columns:] = 0.0  # padding is never decoded: level 2 need not fit it
     err4 = torch.linalg.vector_norm(residual).item() ** 2
-    fitted, _ = _fit_groups(residual, True)
+    fitted, _ = _fit_groups(residual, True, _RESIDUAL_CLIPS)
     ratio = _ratio_code(fitted / scale)
     fine = scale * _ratio_value(ratio, torch.float32)
     if hessian is not None:
@@ -818,9 +847,9 @@ _RATIO_STEPS, _RATIO_OFFSET = 32, 8
 
 
 def _ratio_code(ratio: torch.Tensor) -> torch.Tensor:
-    """uint8 codes of the smallest representable level-2/level-1 scale ratios >= ``ratio``."""
+    """uint8 codes of the nearest representable level-2/level-1 scale ratios."""
     logs = torch.log2(ratio.clamp_min(2.0 ** -_RATIO_OFFSET))
-    return logs.add_(_RATIO_OFFSET).mul_(_RATIO_STEPS).sub_(1e-4).ceil_().clamp_(0, 255).to(torch.uint8)
+    return logs.add_(_RATIO_OFFSET).mul_(_RATIO_STEPS).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _ratio_value(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
