@@ -5,7 +5,8 @@ Sections (``--only`` picks some):
 - ``minilm``: all-MiniLM-L6-v2 (real fp32 weights). Mean cosine of mean-pooled sentence embeddings
   against the fp32 model and nearest-neighbour agreement (each sentence's nearest other sentence
   is the same as with fp32), on the first distinct sentences of the licence texts under /usr/share/common-licenses.
-- ``smollm2``: SmolLM2-135M-Instruct perplexity on GPL-3 (``torch_arbiter.models.perplexity``).
+- ``smollm2``: SmolLM2-135M-Instruct perplexity on GPL-3 (``torch_arbiter.models.perplexity``)
+  and the KL divergence of its next-token distributions from the reference model's.
   Its reference weights are a dequantised Q4_1 GGUF: already on a 4-bit grid with asymmetric
   blocks of 32 along the input dimension, so round-to-nearest grouped the same way (RTN g32) is
   nearly lossless there and says nothing about a real fp model.
@@ -30,7 +31,6 @@ Run: ``python bench/bench_codec.py [--only minilm,smollm2,ddpm,throughput] [--th
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import re
 import sys
@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from torch_arbiter import models  # noqa: E402
-from torch_arbiter.holo import HoloTensor, min_quality, plan_bytes, plan_quality  # noqa: E402
+from torch_arbiter.holo import (HoloTensor, collect_linear_inputs, min_quality, plan_bytes,  # noqa: E402
+                                plan_quality)
 
 _MIN_NUMEL = 4096
 _CALIBRATION_SENTENCES = 400
@@ -96,36 +97,26 @@ def _dct(weight: torch.Tensor, nbytes: int) -> tuple[torch.Tensor, int]:
 
 # -- applying a method to a model ----------------------------------------------------------------
 
-@torch.no_grad()
-def _calibration_inputs(model, run) -> dict[str, torch.Tensor]:
+def _calibration_inputs(model, run, max_rows: int) -> dict[str, torch.Tensor]:
     """Input rows ``[m, K]`` of every ``nn.Linear`` while ``run()`` drives ``model``, by weight name.
 
     Padding positions are kept (they are few here); a weight shared by several linears (a tied
-    head) gets the rows of all of them. Used as ``HoloTensor.encode(calibration=...)``.
+    head) is named once. Used as ``HoloTensor.encode(calibration=...)``.
     """
     names = {id(p): n for n, p in _params(model).items()}
-    rows: dict[str, list[torch.Tensor]] = {}
-    hooks = [module.register_forward_hook(
-        lambda m, args, out: rows.setdefault(names[id(m.weight)], []).append(
-            args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for module in model.modules() if isinstance(module, torch.nn.Linear) and id(module.weight) in names]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {n: torch.cat(parts) for n, parts in rows.items()}
+    inputs = collect_linear_inputs(model, run, max_rows=max_rows)
+    return {names[id(module.weight)]: rows for module, rows in inputs.items()}
 
 
 class _Variants:
     """Holds the encoded model and produces weight sets for each method at a byte budget."""
 
-    def __init__(self, model, group_size=64, rotate=True, calibration=None):
+    def __init__(self, model, calibration=None):
         self.params = _params(model)
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
         calibration = calibration or {}
         start = time.perf_counter()
-        self.holos = {n: HoloTensor.encode(t, group_size=group_size, min_numel=_MIN_NUMEL, rotate=rotate,
+        self.holos = {n: HoloTensor.encode(t, min_numel=_MIN_NUMEL,
                                            calibration=calibration.get(n) if _encodable(t) else None)
                       for n, t in self.originals.items()}
         self.encode_s = time.perf_counter() - start
@@ -197,6 +188,18 @@ def _budget_plans(v: _Variants, budget_bpw, label):
             yield (f"{label} planned at <= {bpw} bpw (q={q:.3f})", *v.holo_plan(plan_quality(v.holos, q)))
 
 
+def _grid_choices(v: _Variants) -> str:
+    """How many encoded tensors took each (group size, rotated, symmetric) level-1 grid."""
+    counts: dict[str, int] = {}
+    for h in v.holos.values():
+        if h.scheme == "nested4x2":
+            m = h.meta
+            key = (f"g{m['group_size']} {'rotated' if m['rotated'] else 'unrotated'} "
+                   f"{'symmetric' if m['symmetric'] else 'asymmetric'}")
+            counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 # -- sections ------------------------------------------------------------------------------------
 
 def _sentences(count: int) -> list[str]:
@@ -223,7 +226,7 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    variants = _Variants(model, calibration=_calibration_inputs(model, lambda: model(**calib_batch)))
+    variants = _Variants(model, calibration=_calibration_inputs(model, lambda: model(**calib_batch), max_rows=32768))
     reference = embed()
     ref_sim = reference @ reference.t()
     ref_sim.fill_diagonal_(-2)
@@ -246,7 +249,7 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
                        f"{100 * r['nn_agreement']:.1f} % |" for r in rows)
     head = (f"all-MiniLM-L6-v2: {len(sentences)} sentences, {variants.numel:,} parameters, "
             f"encode {variants.encode_s:.1f} s (linears calibrated on {len(held_out)} other sentences of "
-            f"the same licences), holo runs from q={floor:.3f}")
+            f"the same licences), holo runs from q={floor:.3f}. Grids chosen: {_grid_choices(variants)}")
     return rows, head + "\n\n" + table
 
 
@@ -255,36 +258,32 @@ def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
     model, tokenizer = models.load_smollm2()
     text = models.reference_text()
     calib_ids = tokenizer(models.reference_text(_CALIBRATION_TEXT)[:8000], return_tensors="pt").input_ids
-    calibration = _calibration_inputs(model, lambda: model(calib_ids[:, :_CALIBRATION_TOKENS]))
+    calibration = _calibration_inputs(model, lambda: model(calib_ids[:, :_CALIBRATION_TOKENS]),
+                                      max_rows=_CALIBRATION_TOKENS)
     variants = _Variants(model, calibration=calibration)
     floor = min_quality(variants.holos)
     ids = tokenizer(text[:2000], return_tensors="pt").input_ids[:, :256]
     reference_logits = model(ids).logits
+    eval_ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    reference_logp = torch.log_softmax(model(eval_ids).logits.float(), dim=-1)
     rows = []
-    grid = _Variants(model, group_size=32, rotate="auto", calibration=calibration)
     del calibration
-    unrotated = sum(1 for h in grid.holos.values() if h.meta.get("rotated") is False)
-    asymmetric = sum(1 for h in grid.holos.values() if h.meta.get("symmetric") is False)
-
-    def grid_configs():
-        for label, level in (("holo g32 rotate=auto int4 (all)", 1), ("holo g32 rotate=auto int8 (all)", 2)):
-            yield (label, *grid.holo_plan(grid.uniform(level)))
-        yield from _budget_plans(grid, (5.0, 8.5), "holo g32 rotate=auto")
-
-    for name, weights, nbytes in itertools.chain(
-            _configs(variants, [(4, 32), (4, 64), (8, 64)], [floor, 0.2, 0.3, 0.5], budget_bpw=(5.0, 8.5)),
-            grid_configs()):
+    for name, weights, nbytes in _configs(variants, [(4, 32), (4, 64), (8, 32), (8, 64), (8, 128)],
+                                          [floor, 0.2, 0.3, 0.5], budget_bpw=(5.0, 8.5)):
         variants.load(weights)
         ppl = models.perplexity(model, tokenizer, text, max_tokens=max_tokens)
-        row = {"method": name, "bpw": variants.bpw(nbytes), "bytes": nbytes, "perplexity": ppl}
+        logp = torch.log_softmax(model(eval_ids).logits.float(), dim=-1)
+        kl = (reference_logp.exp() * (reference_logp - logp)).sum(-1).mean().item()
+        row = {"method": name, "bpw": variants.bpw(nbytes), "bytes": nbytes, "perplexity": ppl, "kl": kl}
         if name == "holo exact (top)":
             row["identical_logits"] = bool(torch.equal(model(ids).logits, reference_logits))
         rows.append(row)
     variants.load(variants.originals)
     ref = rows[0]["perplexity"]
-    table = "| method | bits/weight | perplexity | vs reference |\n|---|---:|---:|---:|\n"
+    table = ("| method | bits/weight | perplexity | vs reference | KL to reference (nats/token) |\n"
+             "|---|---:|---:|---:|---:|\n")
     table += "\n".join(f"| {r['method']} | {r['bpw']:.3f} | {r['perplexity']:.4f} | "
-                       f"{100 * (r['perplexity'] / ref - 1):+.2f} % |" for r in rows)
+                       f"{100 * (r['perplexity'] / ref - 1):+.2f} % | {r['kl']:.5f} |" for r in rows)
     exact = next(r for r in rows if r["method"] == "holo exact (top)")
     head = (f"SmolLM2-135M-Instruct: perplexity on the first {max_tokens} tokens of GPL-3, "
             f"{variants.numel:,} parameters (tied embedding/head counted once), encode "
@@ -292,9 +291,10 @@ def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
             f"{_CALIBRATION_TOKENS} tokens of {_CALIBRATION_TEXT.name}, another text), holo runs from q={floor:.3f}. Top level gives identical logits: "
             f"{exact['identical_logits']}. Reference weights are dequantised Q4_1 (4-bit grid, blocks of "
             "32 along the input): RTN 4-bit g32 lands back on that grid, so its figure is not a fair "
-            f"codec comparison. The g32 rotate=auto rows let the encoder keep a tensor unrotated when that "
-            f"measures a lower weight error ({unrotated} of {len(grid.holos)} tensors were; {asymmetric} kept "
-            "an asymmetric grid): the same grid effect, reached by measurement.")
+            "codec comparison; the encoder's per-tensor grid choice finds the same grid by measurement. "
+            f"Grids chosen: {_grid_choices(variants)}. KL = mean over the {max_tokens} evaluation tokens of "
+            "KL(reference || method) of the next-token distributions (one forward over them): a fidelity "
+            "measure without perplexity's sign (noise can lower a perplexity by chance).")
     return rows, head + "\n\n" + table
 
 
