@@ -15,9 +15,8 @@ How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16 activations (the kernel's fast path on
   these CPUs; the fp32 path is ~25x slower); the 8-bit level is one call over ``[x, x]`` against
   ``[hi | lo]`` codes with both stages' scales (``kernel_scales`` adds a symmetric stage's implied
-  zero on the fly, a transient like an activation). A decode-then-matmul
-  path (dense or tiled per cache-sized chunk) measured slower than the kernel at every batch
-  size tried (1 to 128 rows), so prefill uses the kernel too.
+  zero on the fly, a transient like an activation). From :data:`_DENSE_ROWS` input rows on, the
+  level is decoded from those same packed codes into a transient bf16 weight for one bf16 matmul.
 - everything else (CUDA, convs, odd shapes): decode-then-compute from the fragments, the transient
   dense weight freed after the call.
 - the optional fp16 low-rank branch adds ``(x·Rᵀ)·Lᵀ``.
@@ -79,6 +78,45 @@ def _kernel_pack(codes: torch.Tensor, block: int) -> torch.Tensor:
     tiles = codes.view(rows // block, block, width).transpose(1, 2)  # [rows/block, K, block]
     half = block // 2
     return (tiles[..., :half] | (tiles[..., half:] << 4)).contiguous().view(rows, width // 2)
+
+
+#: From this many input rows on (long prefills, batches), a quantised ``HoloLinear`` on the CPU
+#: decodes a transient bf16 weight and runs one bf16 matmul (AMX / AVX-512 BF16 where the CPU has
+#: them) instead of the int4 kernel, whose cost grows with the rows. Measured on one thread: at 512
+#: rows the dense path took 0.84-1.6x the fp32 original at the 4-bit level where the kernel took
+#: 2.3-2.5x; at 128 rows they were even on large shapes and the kernel won on small ones.
+_DENSE_ROWS = 256
+
+
+def _dense_from_kernel(packed: torch.Tensor, stages: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Transient ``W_rotᵀ`` ``bf16 [Kp, out]`` of a level from its int4 kernel layout.
+
+    Args:
+        packed: the ``kernel_codes`` (``[out, n·Kp/2]`` bytes; ``n`` stages side by side along K).
+        stages: each stage's ``[Kp/g, out, 2]`` (scale, zero) in the kernel's form.
+        group_size: weights per group.
+
+    Returns:
+        The sum of the stages' values, transposed for ``x @ W``. The arithmetic runs in fp32 (bf16
+        elementwise ops measured ~2x slower on the CPU); only the result is bf16.
+    """
+    block = int4_kernel_block()
+    half = block // 2
+    groups, out = stages[0].shape[0], stages[0].shape[1]
+    width = groups * group_size
+    tiles = packed.view(out // block, len(stages) * width, half)
+    total = None
+    for index, stage in enumerate(stages):
+        codes = tiles[:, index * width:(index + 1) * width]
+        # Tile rows r < half sit in the low nibbles, rows half + r in the high ones.
+        params = stage.float().view(groups, out // block, 2, half, 2).permute(1, 0, 2, 3, 4)
+        scale, zero = params[..., 0].unsqueeze(2), params[..., 1].unsqueeze(2)  # [out/b, G, 1, 2, half]
+        nibbles = torch.stack([codes & 0x0F, codes >> 4], dim=2)  # [out/b, Kp, 2, half]
+        values = nibbles.view(out // block, groups, group_size, 2, half).float()
+        values = values.mul_(scale).add_(zero - 8 * scale)
+        total = values if total is None else total.add_(values)
+    # [out/b, G, g, 2, half] -> [Kp, out]: row block·t + half·j + r of W is tile t, nibble j, lane r.
+    return total.view(out // block, width, block).permute(1, 0, 2).reshape(width, out).to(torch.bfloat16)
 
 
 def _kernel_unpack(packed: torch.Tensor, block: int, rows: int) -> torch.Tensor:
@@ -267,13 +305,17 @@ class HoloLinear(_HoloModule):
         flat = x.reshape(-1, self.in_features)
         rotated = rotate_input(_padded(flat.float(), meta["padded_features"]), self._resident["signs"],
                                meta["block"]).to(torch.bfloat16)
-        scales = kernel_scales(self._resident["scales"])
+        stages = [kernel_scales(self._resident["scales"])]
         if self._level >= 2:
-            lo_scales = residual_scales(self._resident["scales"], self._resident["lo_ratio"])
-            scales = torch.cat([scales, kernel_scales(lo_scales)], dim=0)
-            rotated = torch.cat([rotated, rotated], dim=-1)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rotated, self._resident["kernel_codes"], meta["group_size"], scales).to(x.dtype)
+            stages.append(kernel_scales(residual_scales(self._resident["scales"], self._resident["lo_ratio"])))
+        if flat.shape[0] >= _DENSE_ROWS:
+            out = rotated @ _dense_from_kernel(self._resident["kernel_codes"], stages, meta["group_size"])
+        else:
+            if len(stages) > 1:
+                rotated = torch.cat([rotated, rotated], dim=-1)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rotated, self._resident["kernel_codes"], meta["group_size"], torch.cat(stages, dim=0))
+        out = out.to(x.dtype)
         out = self._add_rank_and_bias(out, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
 
