@@ -1,6 +1,8 @@
 """What quality costs and buys on the real models, through patch(): perplexity, PSNR, bytes.
 
-- SmolLM2-135M-Instruct (patched from its cached holo conversion): at each quality the resident
+- SmolLM2-135M-Instruct, patched twice: from its cached holo conversion (``torch-arbiter convert``,
+  round-to-nearest), and by encoding with ``patch(calibration=...)`` on 1024 tokens of another
+  licence text (GPTQ-rounded). At each quality the resident
   weight bytes (measured from the tensors held), bits per weight (resident bytes x 8 / parameters,
   embedding and head included), perplexity on the GPL-3 text against the unpatched model in the
   same run, greedy-token agreement with the unpatched model, and how long ``set_quality`` took.
@@ -31,6 +33,7 @@ from torch_arbiter.hooks import patch  # noqa: E402
 
 _QUALITIES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 _PROMPT = "The capital of France is"
+_CALIBRATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
 
 
 def _greedy(model, tokenizer, new_tokens: int) -> torch.Tensor:
@@ -39,7 +42,7 @@ def _greedy(model, tokenizer, new_tokens: int) -> torch.Tensor:
         return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)[0, batch.input_ids.shape[1]:]
 
 
-def _smollm2(args) -> tuple[list[dict], dict]:
+def _smollm2(args, calibrated: bool) -> tuple[list[dict], dict]:
     model, tokenizer = models.load_smollm2()
     text = models.reference_text()
 
@@ -49,7 +52,11 @@ def _smollm2(args) -> tuple[list[dict], dict]:
 
     parameters = sum(p.numel() for p in model.parameters())
     reference_ppl, reference_tokens = ppl(), _greedy(model, tokenizer, args.new_tokens)
-    managed = patch(model, register=False, holo_dir=models.smollm2_holo_dir(), progress=False)
+    if calibrated:
+        ids = tokenizer(models.reference_text(_CALIBRATION_TEXT)[:8000], return_tensors="pt").input_ids
+        managed = patch(model, register=False, progress=False, calibration=ids[:, :1024])
+    else:
+        managed = patch(model, register=False, holo_dir=models.smollm2_holo_dir(), progress=False)
     rows = []
     for q in (*_QUALITIES, managed.min_quality):
         started = time.perf_counter()
@@ -97,21 +104,26 @@ def main(argv: list[str] | None = None) -> None:
     args.new_tokens = 8 if args.quick else 24
     args.images, args.steps = (4, 10) if args.quick else (16, 25)
 
-    smol_rows, smol = _smollm2(args)
+    smol_runs = {label: _smollm2(args, calibrated) for label, calibrated in
+                 (("converted, round-to-nearest", False), ("patch(calibration=...), GPTQ", True))}
     ddpm_rows, ddpm = _ddpm(args)
-    table = ["## SmolLM2-135M-Instruct", "",
-             f"{smol['holo_layers']} Holo layers, {smol['parameters']} parameters, full {smol['full_bytes']} bytes; "
-             f"reference perplexity {smol['reference_perplexity']:.3f} ({args.ppl_tokens} tokens of GPL-3, "
-             f"window {args.window}, stride {args.stride}).", "",
-             "| quality | applied | resident bytes | = bytes_at | bits/weight | perplexity | vs reference "
-             f"| greedy agreement ({args.new_tokens} tok) | set_quality s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in smol_rows:
-        table.append(f"| {r['quality']:.3f} | {r['applied']:.3f} | {r['resident_bytes']} | "
-                     f"{'yes' if r['resident_bytes'] == r['planned_bytes'] else 'NO'} | {r['bits_per_weight']:.2f} | "
-                     f"{r['perplexity']:.3f} | {r['perplexity'] / smol['reference_perplexity'] - 1:+.2%} | "
-                     f"{r['token_agreement']:.0%} | {r['set_quality_s']:.2f} |")
-    table += ["", "## Digits DDPM", "",
+    table = []
+    for label, (smol_rows, smol) in smol_runs.items():
+        table += [f"## SmolLM2-135M-Instruct, {label}", "",
+                  f"{smol['holo_layers']} Holo layers, {smol['parameters']} parameters, full {smol['full_bytes']} "
+                  f"bytes; reference perplexity {smol['reference_perplexity']:.3f} ({args.ppl_tokens} tokens of GPL-3, "
+                  f"window {args.window}, stride {args.stride}).", "",
+                  "| quality | applied | resident bytes | = bytes_at | bits/weight | perplexity | vs reference "
+                  f"| greedy agreement ({args.new_tokens} tok) | set_quality s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in smol_rows:
+            table.append(f"| {r['quality']:.3f} | {r['applied']:.3f} | {r['resident_bytes']} | "
+                         f"{'yes' if r['resident_bytes'] == r['planned_bytes'] else 'NO'} | "
+                         f"{r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | "
+                         f"{r['perplexity'] / smol['reference_perplexity'] - 1:+.2%} | "
+                         f"{r['token_agreement']:.0%} | {r['set_quality_s']:.2f} |")
+        table.append("")
+    table += ["## Digits DDPM", "",
               f"{ddpm['holo_layers']} Holo layers, {ddpm['parameters']} parameters, full {ddpm['full_bytes']} bytes; "
               f"PSNR of {args.images} images ({args.steps} steps, seed 0) against the unpatched pipeline.", "",
               "| quality | applied | resident bytes | = bytes_at | bits/weight | PSNR dB |", "|---|---|---|---|---|---|"]
@@ -123,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
              "reference is already on a 4-bit grid (dequantised Q4_1), so the int4 level of the codec looks "
              "better there than it would on fp16 weights. set_quality includes re-packing int4 kernel codes.")
     path = write_results("live_quality", "Live quality through patch(): perplexity, PSNR, resident bytes",
-                         "\n".join(table), {"smollm2": {**smol, "rows": smol_rows},
+                         "\n".join(table), {**{f"smollm2 {label}": {**smol, "rows": rows}
+                                               for label, (rows, smol) in smol_runs.items()},
                                             "digits_ddpm": {**ddpm, "rows": ddpm_rows}}, notes)
     print(path.read_text())
 
