@@ -7,10 +7,20 @@ a second; ``fresh_digits_ddpm`` gives a new pipeline).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from torch_arbiter import models
+
+# CI runs the property tests on a fixed seed sequence, so one submission's verdict does not depend
+# on the draw (a clean-clone run once hung on an example no other run had drawn). Local runs keep
+# exploring new examples and replay the failures hypothesis saved.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -227,3 +227,14 @@ def test_bad_inputs_are_typed_errors():
         QualityBudget(1, Priority.LOW, 0.9, 10, max_quality=0.5)
     with pytest.raises(InvalidRequestError):
         CoordinatorConfig(policy="adaptive")
+
+
+def test_water_fill_settles_at_once_when_integer_grants_overshoot():
+    # Two 10-byte workloads at 0.19 (1 byte each, truncated) sharing 1 spare byte: the exact common
+    # level 0.24 would grant 2 bytes. Shaving the level by tiny steps took ~10^11 steps here (a CI
+    # hang); the fit must come back at once and never exceed the capacity.
+    bs = [QualityBudget(i, Priority.NORMAL, 0.19, 10, 0, sequence=i) for i in range(2)]
+    capacity = sum(b.bytes_at(0.19) for b in bs) + 1
+    result = Coordinator().compute(bs, capacity)
+    assert sum(a.granted_bytes for a in result.values()) <= capacity
+    assert all(a.admitted and a.quality >= 0.19 for a in result.values())

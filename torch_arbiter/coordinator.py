@@ -190,12 +190,25 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
         slope += delta
     base = [(b, quality[b.key]) for b in members]
     before = sum(b.bytes_at(q) for b, q in base)
-    while True:  # the exact solution can overshoot by a byte in floating point: shave until it fits
-        raised = [(b, level if q < level < b.max_quality else (b.max_quality if level >= b.max_quality else q)) for b, q in base]
-        granted = sum(b.bytes_at(q) for b, q in raised) - before
-        if granted <= left:
-            break
-        level -= max(1e-15, abs(level) * 1e-12)
+
+    def raise_to(target: float) -> tuple[list, int]:
+        raised = [(b, min(max(q, target), b.max_quality)) for b, q in base]
+        return raised, sum(b.bytes_at(q) for b, q in raised) - before
+
+    raised, granted = raise_to(level)
+    if granted > left:
+        # The exact solution overshot (floating point, or integer grants a byte per member above
+        # the real-valued cost): bisect down to the highest level that fits. The lowest starting
+        # quality raises nobody, so it always fits; 64 halvings exhaust a double's precision.
+        low, high = min(q for _, q in base), level
+        raised, granted = raise_to(low)
+        for _ in range(64):
+            middle = (low + high) / 2
+            candidate, charged = raise_to(middle)
+            if charged <= left:
+                low, raised, granted = middle, candidate, charged
+            else:
+                high = middle
     for b, q in raised:
         quality[b.key] = q
     # Charge the group at least its real-valued cost, so that rounding crumbs never pass to a
