@@ -115,3 +115,27 @@ def test_convert_minilm_and_load_it_back_into_transformers(tmp_path):
     int8 = embeddings_at(lambda h: min(2, h.num_levels))
     cosine = torch.nn.functional.cosine_similarity(int8.flatten(1), expected.flatten(1)).min()
     assert cosine > 0.999
+
+
+@pytest.mark.slow
+def test_convert_with_calibration_text_encodes_linears_on_their_inputs(tmp_path):
+    text = Path("/usr/share/common-licenses/Apache-2.0")
+    out = _cli("convert", MINILM, tmp_path / "holo", "--no-progress", "--calibration-text", text,
+               "--calibration-tokens", "256", timeout=900)
+    assert out.returncode == 0, out.stderr
+    checkpoint = HoloCheckpoint.open(tmp_path / "holo")
+    assert checkpoint.metadata["calibration"] == {"text": "Apache-2.0", "tokens": 256}
+    query = checkpoint.load_tensor("encoder.layer.0.attention.self.query.weight")
+    table = checkpoint.load_tensor("embeddings.word_embeddings.weight")
+    assert "out_rel_error" in query.level_fidelity(1)  # a linear: GPTQ-rounded on its inputs
+    assert "out_rel_error" not in table.level_fidelity(1)  # an embedding table: no inputs to use
+
+
+def test_calibration_text_for_a_plain_safetensors_file_is_refused(tmp_path, capsys):
+    source = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(64, 256)}, source)
+    (tmp_path / "text.txt").write_text("some text")
+    assert cli_main(["convert", str(source), str(tmp_path / "dst"), "--no-progress",
+                     "--calibration-text", str(tmp_path / "text.txt")]) == 2
+    assert "calibration needs a transformers model" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()

@@ -23,7 +23,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .holo.convert import convert, format_summary
 
     summary = convert(args.src, args.dst, gguf_file=args.gguf_file, group_size=args.group_size,
-                      rank=args.rank, overwrite=args.overwrite, progress=not args.no_progress)
+                      rank=args.rank, overwrite=args.overwrite, progress=not args.no_progress,
+                      calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens)
     print(format_summary(summary))
     return 0
 
@@ -65,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
                            "per bit) or an even integer")
     conv.add_argument("--rank", type=_auto_or_int, default="auto",
                       help="low-rank branch: 'auto' (kept where it measures better per byte), 0, or a rank")
+    conv.add_argument("--calibration-text", default=None, metavar="FILE",
+                      help="text (not your evaluation text) run once through a transformers/GGUF model so that "
+                           "its linear layers are encoded with GPTQ rounding on their own inputs")
+    conv.add_argument("--calibration-tokens", type=int, default=1024,
+                      help="tokens of the calibration text to run (default 1024)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(func=_cmd_convert)

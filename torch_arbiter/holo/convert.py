@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FormatError, InvalidRequestError
+from .calibrate import DEFAULT_CALIBRATION_ROWS, collect_linear_inputs
 from .codec import HoloTensor
 from .format import INDEX_NAME, HoloCheckpoint, save_holo
 from .plan import min_quality, plan_bytes, plan_quality
@@ -138,7 +139,8 @@ def _gguf_source(src: Path, gguf_file: str):
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | None = None,
             group_size: int | str = "auto", rank: int | str = "auto", overwrite: bool = False,
-            progress: bool = True) -> ConversionSummary:
+            progress: bool = True, calibration_text: str | os.PathLike | None = None,
+            calibration_tokens: int = DEFAULT_CALIBRATION_ROWS) -> ConversionSummary:
     """Encode every tensor of a model on disk into a holo checkpoint at ``dst`` (atomic).
 
     Args:
@@ -150,12 +152,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | 
         rank: passed to :meth:`HoloTensor.encode`.
         overwrite: replace an existing ``dst``.
         progress: show a tqdm bar on stderr.
+        calibration_text: a text file (not your evaluation text) for a transformers or GGUF
+            source: the model is loaded with transformers, runs the first ``calibration_tokens``
+            tokens of it once, and every ``nn.Linear`` weight is encoded with GPTQ rounding on
+            its own inputs (lower error at the same bytes; a slower encode).
+        calibration_tokens: how many tokens of ``calibration_text`` to run (capped at the
+            model's context length).
 
     Returns:
         The :class:`ConversionSummary` of the written checkpoint.
 
     Raises:
-        InvalidRequestError: missing source, pickle-only weights, existing destination.
+        InvalidRequestError: missing source, pickle-only weights, existing destination, or a
+            calibration text for a source that is not a transformers model.
         FormatError: an unreadable source file.
     """
     from tqdm.auto import tqdm
@@ -166,6 +175,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | 
     if dest.resolve() == source.resolve() or source.resolve() in dest.resolve().parents:
         raise InvalidRequestError(f"destination {dest} is inside the source {source}; write it elsewhere")
     factory, count, metadata = _source_tensors(source, gguf_file)
+    calibration: dict[str, torch.Tensor] = {}
+    if calibration_text is not None:
+        if metadata["kind"] not in ("transformers", "gguf"):
+            raise InvalidRequestError(f"calibration needs a transformers model dir or a GGUF file; {source} is a "
+                                      f"{metadata['kind']} source: convert it without --calibration-text")
+        calibration = _calibration_inputs(source, gguf_file, Path(calibration_text), calibration_tokens)
+        metadata["calibration"] = {"text": Path(calibration_text).name, "tokens": calibration_tokens}
     encoded: dict[str, HoloTensor] = {}
     tied: dict[str, str] = {}
     # Only an in-memory state dict (GGUF) can hold tied tensors; safetensors files cannot.
@@ -179,12 +195,44 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | 
                 tied[name] = seen[key]
                 continue
             seen[key] = name
-        encoded[name] = HoloTensor.encode(tensor, group_size=group_size, rank=rank)
+        encoded[name] = HoloTensor.encode(tensor, group_size=group_size, rank=rank,
+                                          calibration=calibration.get(name))
     metadata = dict(metadata, source=str(source.resolve()), tied=tied, group_size=group_size, rank=rank)
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_holo(dest, encoded, metadata, overwrite=overwrite)
     _copy_side_files(source, dest, metadata)
     return summarize(dest)
+
+
+def _calibration_inputs(source: Path, gguf_file: str | None, text: Path, tokens: int) -> dict[str, torch.Tensor]:
+    """Each linear weight's inputs (by state-dict name) while the model runs ``tokens`` tokens of ``text``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if not text.is_file():
+        raise InvalidRequestError(f"calibration text {text} does not exist; pass a text file")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise InvalidRequestError(f"calibration_tokens must be a positive int, got {tokens!r}")
+    folder = source if source.is_dir() else source.parent
+    options = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    # The architecture the checkpoint was saved as: an encoder (BERT) loaded as a causal LM would
+    # grow a freshly initialised head whose inputs mean nothing.
+    architectures = getattr(AutoConfig.from_pretrained(str(folder), **options), "architectures", None) or []
+    causal = gguf_file is not None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(folder), **options).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **options)
+    limit = min(tokens, getattr(model.config, "max_position_embeddings", tokens) or tokens)
+    ids = tokenizer(text.read_text(errors="replace"), return_tensors="pt").input_ids[:, :limit]
+    names = {id(param): name for name, param in model.named_parameters()}
+    inputs = collect_linear_inputs(model, lambda: model(input_ids=ids), max_rows=limit)
+    prefix = getattr(model, "base_model_prefix", "")
+    calibration = {}
+    for module, rows in inputs.items():
+        name = names[id(module.weight)]
+        calibration[name] = rows
+        if prefix:  # checkpoints name weights with or without the base model's prefix
+            calibration.setdefault(name.removeprefix(prefix + "."), rows)
+            calibration.setdefault(f"{prefix}.{name}", rows)
+    return calibration
 
 
 def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
