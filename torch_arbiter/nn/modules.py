@@ -108,15 +108,16 @@ def _dense_from_kernel(packed: torch.Tensor, stages: list[torch.Tensor], group_s
     total = None
     for index, stage in enumerate(stages):
         codes = tiles[:, index * width:(index + 1) * width]
-        # Tile rows r < half sit in the low nibbles, rows half + r in the high ones.
+        # Tile rows r < half sit in the low nibbles, rows half + r in the high ones. Contiguous
+        # broadcast operands measured twice as fast as strided views here.
         params = stage.float().view(groups, out // block, 2, half, 2).permute(1, 0, 2, 3, 4)
-        scale, zero = params[..., 0].unsqueeze(2), params[..., 1].unsqueeze(2)  # [out/b, G, 1, 2, half]
+        scale = params[..., 0].unsqueeze(2).contiguous()  # [out/b, G, 1, 2, half]
+        offset = (params[..., 1].unsqueeze(2) - 8 * scale).contiguous()
         nibbles = torch.stack([codes & 0x0F, codes >> 4], dim=2)  # [out/b, Kp, 2, half]
-        values = nibbles.view(out // block, groups, group_size, 2, half).float()
-        values = values.mul_(scale).add_(zero - 8 * scale)
+        values = torch.addcmul(offset, nibbles.view(out // block, groups, group_size, 2, half).float(), scale)
         total = values if total is None else total.add_(values)
     # [out/b, G, g, 2, half] -> [Kp, out]: row block·t + half·j + r of W is tile t, nibble j, lane r.
-    return total.view(out // block, width, block).permute(1, 0, 2).reshape(width, out).to(torch.bfloat16)
+    return total.view(out // block, width, block).to(torch.bfloat16).permute(1, 0, 2).reshape(width, out)
 
 
 def _kernel_unpack(packed: torch.Tensor, block: int, rows: int) -> torch.Tensor:
