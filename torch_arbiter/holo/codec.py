@@ -569,11 +569,9 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
         padded = -(-in_features // group) * group
         if padded != in_features:
             matrix = torch.nn.functional.pad(matrix, (0, padded - in_features))
-        elif not turn:
-            return matrix.clone()
-        if not turn:
-            return matrix
-        return rotate_input(matrix, _signs(padded, seed).to(weight.device), _largest_block(padded))
+        if turn:
+            return rotate_input(matrix, _signs(padded, seed).to(weight.device), _largest_block(padded))
+        return matrix if padded != in_features else matrix.clone()
 
     r, left, right = 0, None, None
     if rank != 0:
@@ -718,10 +716,7 @@ def _fit_groups(groups: torch.Tensor, symmetric: bool,
                                                    1e-30)).float()
         if len(clips) == 1:
             return scale, zero
-        base = (zero - 8 * scale).unsqueeze(-1)
-        step = scale.unsqueeze(-1)
-        err = torch.sub(groups, base).div_(step).round_().clamp_(0, 15).mul_(step).add_(base)
-        err = err.sub_(groups).square_().sum(-1)
+        err = _grid_values(_grid_codes(groups, scale, zero), scale, zero).sub_(groups).square_().sum(-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
@@ -730,6 +725,16 @@ def _fit_groups(groups: torch.Tensor, symmetric: bool,
             best_zero = torch.where(better, zero, best_zero)
             best_err = torch.minimum(err, best_err)
     return best_scale, best_zero
+
+
+def _grid_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest codes (float, 0..15) of ``groups [out, G, g]`` on the grids ``[out, G]``."""
+    return torch.sub(groups, (zero - 8 * scale).unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15)
+
+
+def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """A new tensor of the values ``(q - 8)·scale + zero`` of ``codes [out, G, g]``."""
+    return codes.mul(scale.unsqueeze(-1)).add_((zero - 8 * scale).unsqueeze(-1))
 
 
 def _stored_scales(scale: torch.Tensor, zero: torch.Tensor, symmetric: bool) -> torch.Tensor:
@@ -745,9 +750,7 @@ def _level1_error(rotated: torch.Tensor, group_size: int, symmetric: bool, colum
     """
     groups = rotated.view(rotated.shape[0], -1, group_size)
     scale, zero = _fit_groups(groups, symmetric)
-    base = (zero - 8 * scale).unsqueeze(-1)
-    step = scale.unsqueeze(-1)
-    approx = torch.sub(groups, base).div_(step).round_().clamp_(0, 15).mul_(step).add_(base)
+    approx = _grid_values(_grid_codes(groups, scale, zero), scale, zero)
     return torch.linalg.vector_norm(approx.sub_(groups).view(rotated.shape)[:, :columns]).item() ** 2
 
 
@@ -833,8 +836,8 @@ def _quantize_groups(rotated: torch.Tensor, group_size: int, symmetric: bool,
     if hessian is not None:
         hi = _gptq_codes(rotated.clone(), scale, zero, group_size, hessian).view_as(groups)
     else:
-        hi = torch.sub(groups, (zero - 8 * scale).unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, 15)
-    residual = groups.sub_(hi.mul(scale.unsqueeze(-1)).add_((zero - 8 * scale).unsqueeze(-1)))
+        hi = _grid_codes(groups, scale, zero)
+    residual = groups.sub_(_grid_values(hi, scale, zero))
     if columns is not None:
         residual.view(out, -1)[:, columns:] = 0.0  # padding is never decoded: level 2 need not fit it
     err4 = torch.linalg.vector_norm(residual).item() ** 2
