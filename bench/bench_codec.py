@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from torch_arbiter import models  # noqa: E402
-from torch_arbiter.holo import (HoloTensor, collect_linear_inputs, min_quality, plan_bytes,  # noqa: E402
+from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
                                 plan_quality)
 
 _MIN_NUMEL = 4096
@@ -96,17 +96,6 @@ def _dct(weight: torch.Tensor, nbytes: int) -> tuple[torch.Tensor, int]:
 
 
 # -- applying a method to a model ----------------------------------------------------------------
-
-def _calibration_inputs(model, run, max_rows: int) -> dict[str, torch.Tensor]:
-    """Input rows ``[m, K]`` of every ``nn.Linear`` while ``run()`` drives ``model``, by weight name.
-
-    Padding positions are kept (they are few here); a weight shared by several linears (a tied
-    head) is named once. Used as ``HoloTensor.encode(calibration=...)``.
-    """
-    names = {id(p): n for n, p in _params(model).items()}
-    inputs = collect_linear_inputs(model, run, max_rows=max_rows)
-    return {names[id(module.weight)]: rows for module, rows in inputs.items()}
-
 
 class _Variants:
     """Holds the encoded model and produces weight sets for each method at a byte budget."""
@@ -226,7 +215,7 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    variants = _Variants(model, calibration=_calibration_inputs(model, lambda: model(**calib_batch), max_rows=32768))
+    variants = _Variants(model, calibration=collect_weight_inputs(model, lambda: model(**calib_batch), max_rows=32768))
     reference = embed()
     ref_sim = reference @ reference.t()
     ref_sim.fill_diagonal_(-2)
@@ -258,8 +247,8 @@ def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
     model, tokenizer = models.load_smollm2()
     text = models.reference_text()
     calib_ids = tokenizer(models.reference_text(_CALIBRATION_TEXT)[:8000], return_tensors="pt").input_ids
-    calibration = _calibration_inputs(model, lambda: model(calib_ids[:, :_CALIBRATION_TOKENS]),
-                                      max_rows=_CALIBRATION_TOKENS)
+    calibration = collect_weight_inputs(model, lambda: model(calib_ids[:, :_CALIBRATION_TOKENS]),
+                                        max_rows=_CALIBRATION_TOKENS)
     variants = _Variants(model, calibration=calibration)
     floor = min_quality(variants.holos)
     ids = tokenizer(text[:2000], return_tensors="pt").input_ids[:, :256]

@@ -415,3 +415,14 @@ def test_bad_calibration_is_refused_and_leaves_the_model_alone():
         patch(model, register=False, progress=False, calibration=lambda m: None)
     assert managed_model_of(model) is None and _state_equal(model, reference)
     assert not any(isinstance(m, HoloLinear) for m in model.modules())
+
+
+def test_collect_weight_inputs_names_each_weight_once():
+    from torch_arbiter.holo import collect_weight_inputs
+
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False))
+    model[2].weight = model[0].weight  # a head tied to the embedding
+    ids = torch.tensor([[1, 2, 3]])
+    inputs = collect_weight_inputs(model, lambda: model(ids), max_rows=2)
+    assert set(inputs) == {"1.weight", "0.weight"}  # the tied head's rows under the table's name
+    assert inputs["1.weight"].shape == (2, 8) and inputs["0.weight"].dtype == torch.float32

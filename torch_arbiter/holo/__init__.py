@@ -8,7 +8,7 @@
 - :mod:`.convert`: :func:`convert` a model directory or file into a holo checkpoint.
 """
 
-from .calibrate import collect_linear_inputs
+from .calibrate import collect_linear_inputs, collect_weight_inputs
 from .codec import FragmentSpec, HoloTensor
 from .format import INDEX_NAME, HoloCheckpoint, decode_fragment, fragment_id, save_holo
 from .plan import min_quality, plan_bytes, plan_order, plan_quality
@@ -26,4 +26,5 @@ __all__ = [
     "decode_fragment",
     "fragment_id",
     "collect_linear_inputs",
+    "collect_weight_inputs",
 ]

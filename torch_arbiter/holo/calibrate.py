@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError
 
-__all__ = ["collect_linear_inputs", "DEFAULT_CALIBRATION_ROWS"]
+__all__ = ["collect_linear_inputs", "collect_weight_inputs", "DEFAULT_CALIBRATION_ROWS"]
 
 #: Rows of inputs kept per linear layer by default.
 DEFAULT_CALIBRATION_ROWS = 1024
@@ -71,3 +71,27 @@ def collect_linear_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[
         raise InvalidRequestError("the calibration run reached no nn.Linear of the model; pass a callable "
                                   "that runs the model itself (e.g. lambda m: m(input_ids))")
     return {module: torch.cat(parts).float() for module, parts in rows.items()}
+
+
+def collect_weight_inputs(model: nn.Module, run: Callable[[], Any], *,
+                          max_rows: int = DEFAULT_CALIBRATION_ROWS) -> dict[str, torch.Tensor]:
+    """:func:`collect_linear_inputs` keyed by each linear's weight name in ``model.named_parameters()``.
+
+    The names a checkpoint (or a state dict) uses for those weights, so the rows can go to
+    ``HoloTensor.encode(calibration=...)`` tensor by tensor. A weight shared by several linears (a
+    head tied to its embedding) appears once, under its first name.
+
+    Args:
+        model: the model (not modified).
+        run: a callable driving representative forwards through ``model``.
+        max_rows: the first rows kept per layer.
+
+    Returns:
+        ``{weight name: float32 [m, in_features] CPU tensor}``.
+
+    Raises:
+        InvalidRequestError: as :func:`collect_linear_inputs`.
+    """
+    names = {id(param): name for name, param in model.named_parameters()}
+    inputs = collect_linear_inputs(model, run, max_rows=max_rows)
+    return {names[id(module.weight)]: rows for module, rows in inputs.items()}

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FormatError, InvalidRequestError
-from .calibrate import DEFAULT_CALIBRATION_ROWS, collect_linear_inputs
+from .calibrate import DEFAULT_CALIBRATION_ROWS, collect_weight_inputs
 from .codec import HoloTensor
 from .format import INDEX_NAME, HoloCheckpoint, save_holo
 from .plan import min_quality, plan_bytes, plan_quality
@@ -222,12 +222,10 @@ def _calibration_inputs(source: Path, gguf_file: str | None, text: Path, tokens:
     tokenizer = AutoTokenizer.from_pretrained(str(folder), **options)
     limit = min(tokens, getattr(model.config, "max_position_embeddings", tokens) or tokens)
     ids = tokenizer(text.read_text(errors="replace"), return_tensors="pt").input_ids[:, :limit]
-    names = {id(param): name for name, param in model.named_parameters()}
-    inputs = collect_linear_inputs(model, lambda: model(input_ids=ids), max_rows=limit)
+    inputs = collect_weight_inputs(model, lambda: model(input_ids=ids), max_rows=limit)
     prefix = getattr(model, "base_model_prefix", "")
     calibration = {}
-    for module, rows in inputs.items():
-        name = names[id(module.weight)]
+    for name, rows in inputs.items():
         calibration[name] = rows
         if prefix:  # checkpoints name weights with or without the base model's prefix
             calibration.setdefault(name.removeprefix(prefix + "."), rows)
