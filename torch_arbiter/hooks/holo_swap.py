@@ -39,7 +39,8 @@ __all__ = ["HOLO_SWAP_HOOK", "SwappedLayer", "find_swappable", "apply_holo_swap"
 HOLO_SWAP_HOOK = "torch_arbiter_holo_swap"
 """Tag of the swap technique (the name shown in progress bars and errors)."""
 
-_HOLO_TYPES = (HoloLinear, HoloConv2d, HoloEmbedding)
+_HOLO_OF = {nn.Linear: HoloLinear, nn.Conv2d: HoloConv2d, nn.Embedding: HoloEmbedding}
+_HOLO_TYPES = tuple(_HOLO_OF.values())
 
 
 @dataclass
@@ -167,19 +168,7 @@ def _holo_from_checkpoint(checkpoint: HoloCheckpoint, names: list[str], module: 
 def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict):
     if holo is None:
         holo = HoloTensor.encode(module.weight.detach(), **encode_options)
-    requires_grad = module.weight.requires_grad
-    if isinstance(module, nn.Linear):
-        built = HoloLinear(holo, module.bias, weight_requires_grad=requires_grad)
-    elif isinstance(module, nn.Conv2d):
-        options = {key: getattr(module, key) for key in
-                   ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                    "groups", "padding_mode")}
-        built = HoloConv2d(holo, module.bias, options, weight_requires_grad=requires_grad)
-    else:
-        options = {key: getattr(module, key) for key in
-                   ("num_embeddings", "embedding_dim", "padding_idx", "scale_grad_by_freq", "sparse")}
-        built = HoloEmbedding(holo, options, weight_requires_grad=requires_grad)
-    return built.to(module.weight.device)
+    return _HOLO_OF[type(module)].from_encoded(module, holo)
 
 
 def _empty_like(param: nn.Parameter) -> torch.Tensor:

@@ -258,7 +258,21 @@ class HoloLinear(_HoloModule):
         """
         if not isinstance(linear, nn.Linear):
             raise InvalidRequestError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        holo = HoloTensor.encode(linear.weight.detach(), **encode_options)
+        return cls.from_encoded(linear, HoloTensor.encode(linear.weight.detach(), **encode_options))
+
+    @classmethod
+    def from_encoded(cls, linear: nn.Linear, holo: HoloTensor) -> "HoloLinear":
+        """Wrap ``holo``, the already encoded weight of ``linear``, with its bias and flags.
+
+        Args:
+            linear: the layer the weight came from (left untouched).
+            holo: its encoded weight (made now or read from a holo checkpoint).
+
+        Returns:
+            A HoloLinear at the top level on the linear's device.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise InvalidRequestError(f"from_encoded needs an nn.Linear, got {type(linear).__name__}")
         module = cls(holo, linear.bias, weight_requires_grad=linear.weight.requires_grad)
         return module.to(linear.weight.device)
 
@@ -372,10 +386,24 @@ class HoloConv2d(_HoloModule):
         """
         if not isinstance(conv, nn.Conv2d):
             raise InvalidRequestError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        return cls.from_encoded(conv, HoloTensor.encode(conv.weight.detach(), **encode_options))
+
+    @classmethod
+    def from_encoded(cls, conv: nn.Conv2d, holo: HoloTensor) -> "HoloConv2d":
+        """Wrap ``holo``, the already encoded weight of ``conv``, with its bias, options and flags.
+
+        Args:
+            conv: the layer the weight came from (left untouched).
+            holo: its encoded weight (made now or read from a holo checkpoint).
+
+        Returns:
+            A HoloConv2d at the top level on the conv's device.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise InvalidRequestError(f"from_encoded needs an nn.Conv2d, got {type(conv).__name__}")
         options = {key: getattr(conv, key) for key in
                    ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                     "groups", "padding_mode")}
-        holo = HoloTensor.encode(conv.weight.detach(), **encode_options)
         module = cls(holo, conv.bias, options, weight_requires_grad=conv.weight.requires_grad)
         return module.to(conv.weight.device)
 
@@ -445,9 +473,24 @@ class HoloEmbedding(_HoloModule):
         Raises:
             InvalidRequestError: not an ``nn.Embedding``, or it uses ``max_norm``.
         """
-        options = cls._options_of(embedding)
-        holo = HoloTensor.encode(embedding.weight.detach(), **encode_options)
-        module = cls(holo, options, weight_requires_grad=embedding.weight.requires_grad)
+        cls._options_of(embedding)  # refuse before spending time on encoding
+        return cls.from_encoded(embedding, HoloTensor.encode(embedding.weight.detach(), **encode_options))
+
+    @classmethod
+    def from_encoded(cls, embedding: nn.Embedding, holo: HoloTensor) -> "HoloEmbedding":
+        """Wrap ``holo``, the already encoded table of ``embedding``, with its options and flags.
+
+        Args:
+            embedding: the layer the table came from (left untouched).
+            holo: its encoded table (made now or read from a holo checkpoint).
+
+        Returns:
+            A HoloEmbedding at the top level on the embedding's device.
+
+        Raises:
+            InvalidRequestError: not an ``nn.Embedding``, or it uses ``max_norm``.
+        """
+        module = cls(holo, cls._options_of(embedding), weight_requires_grad=embedding.weight.requires_grad)
         return module.to(embedding.weight.device)
 
     @classmethod
