@@ -69,6 +69,19 @@ def time_call(fn: Callable[[], object], *, repeat: int = 21, number: int = 1, wa
     }
 
 
+#: Calibration text of the SmolLM2 benchmarks: another licence than the evaluation text (GPL-3).
+CALIBRATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
+CALIBRATION_TOKENS = 1024
+
+
+def calibration_ids(tokenizer):
+    """The first :data:`CALIBRATION_TOKENS` token ids ``[1, n]`` of :data:`CALIBRATION_TEXT`."""
+    from torch_arbiter import models
+
+    text = models.reference_text(CALIBRATION_TEXT)[:8000]
+    return tokenizer(text, return_tensors="pt").input_ids[:, :CALIBRATION_TOKENS]
+
+
 def write_results(name: str, title: str, table_md: str, data: dict, notes: str = "") -> Path:
     """Write ``results/<name>.md`` and ``results/<name>.json``; return the .md path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

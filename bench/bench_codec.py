@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import CALIBRATION_TEXT, CALIBRATION_TOKENS, calibration_ids, write_results  # noqa: E402
 
 from torch_arbiter import models  # noqa: E402
 from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
@@ -49,8 +49,6 @@ from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, 
 
 _MIN_NUMEL = 4096
 _CALIBRATION_SENTENCES = 400
-_CALIBRATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
-_CALIBRATION_TOKENS = 1024
 
 
 def _encodable(tensor: torch.Tensor) -> bool:
@@ -246,9 +244,8 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
 def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
     model, tokenizer = models.load_smollm2()
     text = models.reference_text()
-    calib_ids = tokenizer(models.reference_text(_CALIBRATION_TEXT)[:8000], return_tensors="pt").input_ids
-    calibration = collect_weight_inputs(model, lambda: model(calib_ids[:, :_CALIBRATION_TOKENS]),
-                                        max_rows=_CALIBRATION_TOKENS)
+    calib_ids = calibration_ids(tokenizer)
+    calibration = collect_weight_inputs(model, lambda: model(calib_ids), max_rows=CALIBRATION_TOKENS)
     variants = _Variants(model, calibration=calibration)
     floor = min_quality(variants.holos)
     ids = tokenizer(text[:2000], return_tensors="pt").input_ids[:, :256]
@@ -277,7 +274,7 @@ def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
     head = (f"SmolLM2-135M-Instruct: perplexity on the first {max_tokens} tokens of GPL-3, "
             f"{variants.numel:,} parameters (tied embedding/head counted once), encode "
             f"{variants.encode_s:.1f} s (linears and the tied head calibrated on the first "
-            f"{_CALIBRATION_TOKENS} tokens of {_CALIBRATION_TEXT.name}, another text), holo runs from q={floor:.3f}. Top level gives identical logits: "
+            f"{CALIBRATION_TOKENS} tokens of {CALIBRATION_TEXT.name}, another text), holo runs from q={floor:.3f}. Top level gives identical logits: "
             f"{exact['identical_logits']}. Reference weights are dequantised Q4_1 (4-bit grid, blocks of "
             "32 along the input): RTN 4-bit g32 lands back on that grid, so its figure is not a fair "
             "codec comparison; the encoder's per-tensor grid choice finds the same grid by measurement. "

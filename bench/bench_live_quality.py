@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import calibration_ids, write_results  # noqa: E402
 
 from torch_arbiter import models  # noqa: E402
 from torch_arbiter.hooks import patch  # noqa: E402
 
 _QUALITIES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 _PROMPT = "The capital of France is"
-_CALIBRATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
 
 
 def _greedy(model, tokenizer, new_tokens: int) -> torch.Tensor:
@@ -53,8 +52,7 @@ def _smollm2(args, calibrated: bool) -> tuple[list[dict], dict]:
     parameters = sum(p.numel() for p in model.parameters())
     reference_ppl, reference_tokens = ppl(), _greedy(model, tokenizer, args.new_tokens)
     if calibrated:
-        ids = tokenizer(models.reference_text(_CALIBRATION_TEXT)[:8000], return_tensors="pt").input_ids
-        managed = patch(model, register=False, progress=False, calibration=ids[:, :1024])
+        managed = patch(model, register=False, progress=False, calibration=calibration_ids(tokenizer))
     else:
         managed = patch(model, register=False, holo_dir=models.smollm2_holo_dir(), progress=False)
     rows = []
