@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard torch_arbiter/allocator/*.c torch_arbiter/allocator/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard torch_arbiter/allocator/*.c torch_arbiter/allocator/*.h torch_arbiter/nn/*.c)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	$(PY) -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info torch_arbiter/allocator/*.so
+	rm -rf $(VENV) build *.egg-info torch_arbiter/allocator/*.so torch_arbiter/nn/*.so

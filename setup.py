@@ -1,4 +1,5 @@
-"""Build the allocator shim with the system C compiler; needs no CUDA at build time."""
+"""Build the C parts with the system C compiler (plain shared objects loaded through ctypes; no CUDA,
+no torch headers at build time): the allocator shim and the Holo modules' CPU kernels."""
 from setuptools import Extension, setup
 
 setup(
@@ -15,6 +16,12 @@ setup(
             ],
             libraries=["dl", "rt", "pthread"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "torch_arbiter.nn._holo_kernels",
+            sources=["torch_arbiter/nn/holo_kernels.c"],
+            libraries=["m"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
+        ),
     ]
 )

@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear, int4_kernel_block  # noqa: E402
+from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear, cpu_kernels_available  # noqa: E402
 from torch_arbiter.nn.modules import _DENSE_ROWS  # noqa: E402
 
 
@@ -82,7 +82,9 @@ def main() -> int:
         for in_f, out_f in ((576, 576), (576, 1536), (1536, 576), (576, 49152)):
             linear = nn.Linear(in_f, out_f, bias=False)
             holo = HoloLinear.from_linear(linear, rank=0)
-            for batch, inner in ((1, 50 if out_f < 49152 else 5), (128, 3 if out_f < 49152 else 1), (512, 1)):
+            small = out_f < 49152
+            for batch, inner in ((1, 50 if small else 5), (8, 20 if small else 2), (16, 10 if small else 1),
+                                 (128, 3 if small else 1), (512, 1)):
                 x = torch.randn(batch, in_f)
                 rows += _case(f"linear {in_f}->{out_f}, {batch} row{'s' if batch > 1 else ''}",
                               linear, holo, x, rounds, inner)
@@ -103,14 +105,14 @@ def main() -> int:
         for r in rows)
     worst_top = max(r["ratio"] for r in rows if r["level"] == "exact")
     worst_any = max(r["ratio"] for r in rows if r["level"] != "original")
-    notes = (f"int4 kernel block: {int4_kernel_block()} (0 = kernel unusable, decode path only); "
-             f"quantised levels of HoloLinear run the bf16 int4 kernel below {_DENSE_ROWS} input rows and a "
-             "transient bf16 weight with one bf16 matmul from there on.\n\n"
+    notes = (f"CPU kernels (holo_kernels.c): {'used' if cpu_kernels_available() else 'NOT available, torch decode path'}; "
+             f"quantised levels of HoloLinear run the fused kernel below {_DENSE_ROWS} input rows and decode "
+             "fp32 weight chunks for torch's matmul from there on.\n\n"
              f"Worst top-level ratio: {worst_top:.2f} (target <= 1.05); worst ratio at any level: "
              f"{worst_any:.2f} (target <= 2). Medians of interleaved rounds on a shared 2-core machine: "
              "ratios are more trustworthy than absolute times.")
     path = write_results("nn_forward", "Holo modules: forward time per level vs the original module",
-                         table, {"rows": rows, "kernel_block": int4_kernel_block()}, notes)
+                         table, {"rows": rows, "cpu_kernels": cpu_kernels_available(), "dense_rows": _DENSE_ROWS}, notes)
     print(path.read_text())
     return 0
 

@@ -13,7 +13,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("shape", [(576, 192), (96, 80), (64, 100)])
-@pytest.mark.parametrize("rows", [1, 3, 33, 150])  # 2 x 150 rows: the dense bf16 path on the CPU
+@pytest.mark.parametrize("rows", [1, 3, 33, 150])  # 2 x 33 and 2 x 150 rows: the dense path on the CPU
 def test_linear_forward_matches_decoded_weight_at_every_level(shape, rows):
     torch.manual_seed(0)
     linear = nn.Linear(shape[1], shape[0])
@@ -26,8 +26,8 @@ def test_linear_forward_matches_decoded_weight_at_every_level(shape, rows):
         out = holo(x)
         assert out.shape == reference.shape
         expected = nn.functional.linear(x, holo.holo.decode(k), linear.bias)
-        # The int4 kernel and dense paths compute in bf16: a small, bounded extra error.
-        assert _rel(out, expected) < 5e-3
+        # The fused kernel rounds the input to int16 per run of 32 values: a tiny, bounded extra error.
+        assert _rel(out, expected) < 1e-3
         assert holo.resident_bytes == holo.level_bytes(k) == holo.holo.level_bytes(k)
     assert torch.equal(holo(x), reference)  # top level: the original F.linear, bit for bit
 
@@ -45,7 +45,7 @@ def test_linear_with_rank_branch_and_no_bias():
         for k in (1, 2):
             holo.set_level(k)
             expected = x @ holo.holo.decode(k).t()
-            assert _rel(holo(x), expected) < 5e-3
+            assert _rel(holo(x), expected) < 1e-3
             assert holo.resident_bytes == holo.level_bytes(k)
 
 
@@ -115,7 +115,7 @@ def test_tiny_linear_has_one_exact_level():
     assert torch.equal(holo(x), linear(x))
 
 
-@pytest.mark.parametrize("vocab", [256, 200])  # 200: not a multiple of the kernel block (plain codes)
+@pytest.mark.parametrize("vocab", [256, 200])
 def test_embedding_rows_match_decoded_table_at_every_level(vocab):
     torch.manual_seed(0)
     embedding = nn.Embedding(vocab, 96, padding_idx=0)

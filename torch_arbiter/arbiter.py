@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from .allocation import Allocation, AllocationRequest, AllocationResult, AllocationState
 from .coordinator import Coordinator, CoordinatorConfig

@@ -10,11 +10,11 @@ copy of its globals and thread-locals. The structs mirror ``arbiter_alloc.h``.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import os
 import threading
 from pathlib import Path
 
+from .._native import built_library
 from ..errors import AllocatorError
 
 __all__ = [
@@ -143,10 +143,9 @@ def library_path() -> str:
     Raises:
         AllocatorError: the library was not built; the message says how to build it.
     """
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = _HERE / f"_arbiter_alloc{suffix}"
-        if candidate.is_file():
-            return str(candidate)
+    path = built_library(_HERE, "_arbiter_alloc")
+    if path is not None:
+        return str(path)
     raise AllocatorError(
         f"the allocator library is not built in {_HERE}: run `pip install -e .` (or `make venv`) "
         "in the torch_arbiter checkout; it needs a C compiler, not CUDA"

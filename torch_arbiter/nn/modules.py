@@ -9,16 +9,14 @@ How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
 
 - top level (exact): the original weight tensor and ``F.linear`` / ``F.conv2d``, as the original
   module does (on the CPU the resident weight *is* the HoloTensor's exact fragment, no copy).
-- quantised levels of ``HoloLinear`` on the CPU, when torch has the int4 weight-only kernel and
-  the shape fits it: the nibbles are held in the kernel's packed layout (same bytes as the
-  fragments). The input is rotated (``(x ⊙ s)·H``, the weight stays rotated) and goes through
-  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16 activations (the kernel's fast path on
-  these CPUs; the fp32 path is ~25x slower); the 8-bit level is one call over ``[x, x]`` against
-  ``[hi | lo]`` codes with both stages' scales (``kernel_scales`` adds a symmetric stage's implied
-  zero on the fly, a transient like an activation). From :data:`_DENSE_ROWS` input rows on, the
-  level is decoded from those same packed codes into a transient bf16 weight for one bf16 matmul.
-- everything else (CUDA, convs, odd shapes): decode-then-compute from the fragments, the transient
-  dense weight freed after the call.
+- quantised levels on the CPU (AVX2+FMA, see :func:`cpu_kernels_available`): the C kernels of
+  ``holo_kernels.c`` read the fragments in place. ``HoloLinear`` below :data:`_DENSE_ROWS` input
+  rows runs the fused kernel (the input is rotated, ``(x ⊙ s)·H``, instead of un-rotating the
+  weight, and the codes are multiplied as integers against the input rounded to int16); from
+  there on it decodes the weight in fp32 chunks for torch's matmul. Convs decode their weight,
+  embeddings only the rows looked up.
+- everything else (CUDA, a CPU without AVX2, odd shapes): decode-then-compute with torch ops from
+  the fragments, the transient dense weight freed after the call.
 - the optional fp16 low-rank branch adds ``(x·Rᵀ)·Lᵀ``.
 
 Limits: inference only (no gradients reach the fragments); the level changes only through
@@ -32,99 +30,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, residual_scales,
-                          rotate_input, unpack_nibbles, unrotate)
+from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles,
+                          unrotate)
+from . import _kernels
 
-__all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "int4_kernel_block"]
+__all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "cpu_kernels_available"]
 
-_KERNEL_GROUPS = (32, 64, 128, 256)
-_kernel_block_cache: list[int] = []
+#: From this many input rows on, a quantised ``HoloLinear`` on the CPU decodes its weight (fp32,
+#: in chunks) for torch's matmul instead of running the fused kernel, whose cost grows with the
+#: rows times the weight while a matmul's per-row cost falls. Measured on one thread of the
+#: development machine (``bench/bench_nn.py`` keeps the figures).
+_DENSE_ROWS = 10
 
-
-def int4_kernel_block() -> int:
-    """Rows per block of torch's CPU int4 packed layout (64 on AVX-512, 32 on AVX2); 0 if unusable.
-
-    Found once by packing a probe matrix with torch and checking that :func:`_kernel_unpack`
-    inverts it and :func:`_kernel_pack` reproduces it, so a torch whose layout differs falls back
-    to the decode path instead of computing garbage.
-    """
-    if _kernel_block_cache:
-        return _kernel_block_cache[0]
-    block = 0
-    ops = torch.ops.aten
-    if hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu"):
-        probe = (torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64) * 7 % 16).contiguous()
-        try:
-            packed = ops._convert_weight_to_int4pack_for_cpu(probe, 2)
-            for candidate in (64, 32, 16):
-                if torch.equal(_kernel_unpack(packed, candidate, 128).int(), probe) and \
-                        torch.equal(_kernel_pack(probe.to(torch.uint8), candidate), packed):
-                    block = candidate
-                    break
-        except RuntimeError:
-            block = 0
-    _kernel_block_cache.append(block)
-    return block
+#: Bytes of fp32 weight rows decoded at a time on that dense path (a 49152x576 head is decoded
+#: in 4 MiB pieces, not as one 113 MB transient).
+_DENSE_CHUNK_BYTES = 4 << 20
 
 
-def _kernel_pack(codes: torch.Tensor, block: int) -> torch.Tensor:
-    """Inverse of :func:`_kernel_unpack`: codes ``uint8 [rows, K]`` to the CPU int4 layout.
-
-    Same bytes as ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` (whose layout
-    :func:`int4_kernel_block` checks at start-up), without its int32 copy of every code: half the
-    time of a quality switch measured on a 49152x576 head.
-    """
-    rows, width = codes.shape
-    tiles = codes.view(rows // block, block, width).transpose(1, 2)  # [rows/block, K, block]
-    half = block // 2
-    return (tiles[..., :half] | (tiles[..., half:] << 4)).contiguous().view(rows, width // 2)
-
-
-#: From this many input rows on (long prefills, batches), a quantised ``HoloLinear`` on the CPU
-#: decodes a transient bf16 weight and runs one bf16 matmul (AMX / AVX-512 BF16 where the CPU has
-#: them) instead of the int4 kernel, whose cost grows with the rows. Measured on one thread: at 512
-#: rows the dense path took 0.84-1.6x the fp32 original at the 4-bit level where the kernel took
-#: 2.3-2.5x; at 128 rows they were even on large shapes and the kernel won on small ones.
-_DENSE_ROWS = 256
-
-
-def _dense_from_kernel(packed: torch.Tensor, stages: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Transient ``W_rotᵀ`` ``bf16 [Kp, out]`` of a level from its int4 kernel layout.
-
-    Args:
-        packed: the ``kernel_codes`` (``[out, n·Kp/2]`` bytes; ``n`` stages side by side along K).
-        stages: each stage's ``[Kp/g, out, 2]`` (scale, zero) in the kernel's form.
-        group_size: weights per group.
+def cpu_kernels_available() -> bool:
+    """Whether quantised levels run the C kernels on this CPU.
 
     Returns:
-        The sum of the stages' values, transposed for ``x @ W``. The arithmetic runs in fp32 (bf16
-        elementwise ops measured ~2x slower on the CPU); only the result is bf16.
+        True when the kernels library was built (``pip install -e .``) and the CPU has AVX2 and
+        FMA; False means the torch decode path (same values up to fp32 rounding, several times
+        slower per call).
     """
-    block = int4_kernel_block()
-    half = block // 2
-    groups, out = stages[0].shape[0], stages[0].shape[1]
-    width = groups * group_size
-    tiles = packed.view(out // block, len(stages) * width, half)
-    total = None
-    for index, stage in enumerate(stages):
-        codes = tiles[:, index * width:(index + 1) * width]
-        # Tile rows r < half sit in the low nibbles, rows half + r in the high ones. Contiguous
-        # broadcast operands measured twice as fast as strided views here.
-        params = stage.float().view(groups, out // block, 2, half, 2).permute(1, 0, 2, 3, 4)
-        scale = params[..., 0].unsqueeze(2).contiguous()  # [out/b, G, 1, 2, half]
-        offset = (params[..., 1].unsqueeze(2) - 8 * scale).contiguous()
-        nibbles = torch.stack([codes & 0x0F, codes >> 4], dim=2)  # [out/b, Kp, 2, half]
-        values = torch.addcmul(offset, nibbles.view(out // block, groups, group_size, 2, half).float(), scale)
-        total = values if total is None else total.add_(values)
-    # [out/b, G, g, 2, half] -> [Kp, out]: row block·t + half·j + r of W is tile t, nibble j, lane r.
-    return total.view(out // block, width, block).to(torch.bfloat16).permute(1, 0, 2).reshape(width, out)
+    return _kernels.available()
 
 
-def _kernel_unpack(packed: torch.Tensor, block: int, rows: int) -> torch.Tensor:
-    """Codes ``uint8 [rows, K]`` from torch's CPU int4 layout ``[rows/block, K, block/2]`` bytes."""
-    tiles = packed.reshape(rows // block, -1, block // 2)
-    codes = torch.cat([tiles & 0x0F, tiles >> 4], dim=-1)  # [rows/block, K, block]
-    return codes.transpose(1, 2).reshape(rows, -1)
+def _dense_matmul(codes: _kernels.Codes, x_rot: torch.Tensor) -> torch.Tensor:
+    """``x_rot · W_levelᵀ`` ``[rows, out]`` with the weight decoded chunk by chunk for ``torch.mm``."""
+    out_features, padded = codes.out_features, codes.padded
+    per_chunk = max(8, _DENSE_CHUNK_BYTES // (4 * padded))
+    if per_chunk >= out_features:
+        return x_rot @ _kernels.decode_rows(codes).t()
+    out_t = torch.empty(out_features, x_rot.shape[0], dtype=torch.float32)
+    buffer = torch.empty(per_chunk * padded, dtype=torch.float32)
+    for first in range(0, out_features, per_chunk):
+        count = min(per_chunk, out_features - first)
+        weight = _kernels.decode_rows(codes, first=first, count=count, out=buffer)
+        torch.mm(weight, x_rot.t(), out=out_t[first:first + count])
+    return out_t.t()
 
 
 class _HoloModule(nn.Module):
@@ -143,6 +89,7 @@ class _HoloModule(nn.Module):
         self._weight_requires_grad = weight_requires_grad
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)
         self._resident: dict[str, torch.Tensor] = {}
+        self._codes: _kernels.Codes | None = None
         self._level = 0
         self.set_level(holo.num_levels if level is None else level)
 
@@ -179,8 +126,7 @@ class _HoloModule(nn.Module):
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_levels:
             raise InvalidRequestError(
                 f"level {k!r} is outside 1..{self.num_levels}; a Holo module needs a level >= 1 to run")
-        self._resident = {}  # release first, so the old and new levels are never held together
-        self._resident = self._build(k, self._device_probe.device)
+        self._hold(k, self._device_probe.device)
         self._level = k
 
     def _apply(self, fn, *args, **kwargs):
@@ -188,9 +134,14 @@ class _HoloModule(nn.Module):
         if self._resident:
             device = self._device_probe.device
             if next(iter(self._resident.values())).device != device:
-                self._resident = {}
-                self._resident = self._build(self._level, device)
+                self._hold(self._level, device)
         return result
+
+    def _hold(self, k: int, device: torch.device) -> None:
+        self._resident, self._codes = {}, None  # release first: old and new levels never held together
+        self._resident = self._build(k, device)
+        if k < self.num_levels and self._resident:
+            self._codes = _kernels.codes_for(self._resident, self.holo.meta, k)
 
     def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
         if k == self.num_levels:
@@ -202,12 +153,27 @@ class _HoloModule(nn.Module):
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Transient dense weight in the original shape at the current quantised level."""
-        meta = self.holo.meta
-        matrix = dequantize_rotated(self._resident, meta, self._level, dtype)
-        matrix = unrotate(matrix, self._resident["signs"], meta["block"])[:, : meta["in_features"]]
+        matrix = self._weight_rows(None)
         if self.holo.rank:
-            matrix = matrix + self._resident["rank_l"].to(dtype) @ self._resident["rank_r"].to(dtype)
-        return matrix.reshape(self.holo.shape)
+            matrix = matrix + self._resident["rank_l"].float() @ self._resident["rank_r"].float()
+        return matrix.to(dtype).reshape(self.holo.shape)
+
+    def _weight_rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """fp32 rows ``ids`` (all when None) of the current quantised level, without the rank branch."""
+        meta, resident = self.holo.meta, self._resident
+        if self._codes is not None:
+            values = _kernels.unrotate_rows_(_kernels.decode_rows(self._codes, ids), resident["signs"], meta["block"])
+        else:
+            hi, scales, lo, ratio = resident["hi"], resident["scales"], resident.get("lo"), resident.get("lo_ratio")
+            if ids is not None:
+                if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < hi.shape[0]:
+                    raise IndexError(f"index out of range: ids must be in 0..{hi.shape[0] - 1}")
+                hi, scales = hi[ids], scales[:, ids]
+                lo, ratio = (lo[ids], ratio[:, ids]) if lo is not None else (None, None)
+            lo_stage = (unpack_nibbles(lo), ratio) if lo is not None else None
+            values = dequantize_codes(unpack_nibbles(hi), scales, lo_stage, meta["group_size"], torch.float32)
+            values = unrotate(values, resident["signs"], meta["block"])
+        return values[:, : meta["in_features"]]
 
     def _original_weight(self) -> nn.Parameter:
         # The exact fragment itself (no copy): restoring a model must not double its memory.
@@ -288,49 +254,24 @@ class HoloLinear(_HoloModule):
         linear.bias = self._original_bias()
         return linear.to(self._device_probe.device)
 
-    def _build(self, k, device):
-        resident = super()._build(k, device)
-        block = int4_kernel_block() if device.type == "cpu" else 0
-        meta = self.holo.meta
-        if (k == self.num_levels or not block or meta["group_size"] not in _KERNEL_GROUPS
-                or self.out_features % block or meta["padded_features"] % 32):
-            return resident
-        codes = unpack_nibbles(resident.pop("hi"))
-        if "lo" in resident:
-            codes = torch.cat([codes, unpack_nibbles(resident.pop("lo"))], dim=1)
-        resident["kernel_codes"] = _kernel_pack(codes, block)
-        return resident
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_level.T + bias`` over the last dimension of ``x``."""
         if self._level == self.num_levels:
             return F.linear(x, _as(self._resident["weight"], x.dtype), _as(self.bias, x.dtype))
-        if "kernel_codes" in self._resident:
-            return self._kernel_forward(x)
-        # Decode path: rotate the input rather than un-rotate the weight (fewer flops per call).
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
-        rotated = rotate_input(_padded(flat, meta["padded_features"]), self._resident["signs"], meta["block"])
-        out = F.linear(rotated, dequantize_rotated(self._resident, meta, self._level, x.dtype))
-        out = self._add_rank_and_bias(out, flat)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        meta = self.holo.meta
-        flat = x.reshape(-1, self.in_features)
-        rotated = rotate_input(_padded(flat.float(), meta["padded_features"]), self._resident["signs"],
-                               meta["block"]).to(torch.bfloat16)
-        stages = [kernel_scales(self._resident["scales"])]
-        if self._level >= 2:
-            stages.append(kernel_scales(residual_scales(self._resident["scales"], self._resident["lo_ratio"])))
-        if flat.shape[0] >= _DENSE_ROWS:
-            out = rotated @ _dense_from_kernel(self._resident["kernel_codes"], stages, meta["group_size"])
+        if self._codes is not None:
+            rows = flat.float().contiguous()
+            if rows.shape[0] < _DENSE_ROWS and self._codes.fused:
+                out = _kernels.linear(self._codes, rows)
+            else:
+                rotated = _kernels.rotate_rows(rows, self._resident["signs"], meta["padded_features"], meta["block"])
+                out = _dense_matmul(self._codes, rotated)
+            out = out.to(x.dtype)
         else:
-            if len(stages) > 1:
-                rotated = torch.cat([rotated, rotated], dim=-1)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                rotated, self._resident["kernel_codes"], meta["group_size"], torch.cat(stages, dim=0))
-        out = out.to(x.dtype)
+            # Rotate the input rather than un-rotate the weight (fewer flops per call).
+            rotated = rotate_input(_padded(flat, meta["padded_features"]), self._resident["signs"], meta["block"])
+            out = F.linear(rotated, dequantize_rotated(self._resident, meta, self._level, x.dtype))
         out = self._add_rank_and_bias(out, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -549,26 +490,10 @@ class HoloEmbedding(_HoloModule):
         resident, level = owner._resident, owner._level
         if level == self.num_levels:
             return F.embedding(ids, resident["weight"], self.embedding_options["padding_idx"])
-        meta = self.holo.meta
         flat = ids.reshape(-1)
-        if "kernel_codes" in resident:
-            block = int4_kernel_block()
-            tiles = resident["kernel_codes"].view(self.holo.shape[0] // block, -1, block // 2)
-            within = flat % block
-            raw = tiles[flat // block, :, within % (block // 2)]  # [rows, Kp (x2 at level 2)]
-            high = (within >= block // 2).unsqueeze(-1)
-            codes = torch.where(high, raw >> 4, raw & 0x0F)
-            padded = meta["padded_features"]
-            hi, lo = codes[:, :padded], codes[:, padded:]
-        else:
-            hi = unpack_nibbles(resident["hi"][flat])
-            lo = unpack_nibbles(resident["lo"][flat]) if level >= 2 else None
-        lo_stage = (lo, resident["lo_ratio"][:, flat]) if level >= 2 else None
-        dtype = torch.float32
-        values = dequantize_codes(hi, resident["scales"][:, flat], lo_stage, meta["group_size"], dtype)
-        values = unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
+        values = owner._weight_rows(flat)
         if self.holo.rank:
-            values = values + resident["rank_l"][flat].to(dtype) @ resident["rank_r"].to(dtype)
+            values = values + resident["rank_l"][flat].float() @ resident["rank_r"].float()
         return values.to(self.holo.dtype).reshape(*ids.shape, -1)
 
     def extra_repr(self) -> str:
