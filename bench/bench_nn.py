@@ -76,7 +76,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rounds = 5 if args.quick else 15
+    rounds = 5 if args.quick else 25
     rows = []
     with torch.no_grad():
         for in_f, out_f in ((576, 576), (576, 1536), (1536, 576), (576, 49152)):

@@ -20,7 +20,7 @@ import torch
 
 from .._native import built_library
 
-__all__ = ["Codes", "available", "codes_for", "decode_rows", "linear", "rotate_rows", "unrotate_rows_"]
+__all__ = ["Codes", "available", "codes_for", "decode_rows", "linear", "rotate_rows", "weight_rows"]
 
 _ABI_VERSION = 1
 _CODE_BLOCK = 32
@@ -50,12 +50,10 @@ class Codes(ctypes.Structure):
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "ta_abi_version": (ctypes.c_int, []),
-    "ta_isa": (ctypes.c_int, []),
     "ta_linear": (ctypes.c_int, [ctypes.POINTER(Codes), _p, _i64, _p]),
-    "ta_decode_rows": (ctypes.c_int, [ctypes.POINTER(Codes), _p, _i64, _i64, ctypes.c_int, _p]),
+    "ta_decode_rows": (None, [ctypes.POINTER(Codes), _i64, _i64, _p]),
+    "ta_weight_rows": (ctypes.c_int, [ctypes.POINTER(Codes), _p, _i64, _i64, _p]),
     "ta_rotate_rows": (None, [_p, _i64, _i64, _p, _i64, _i64, _p]),
-    "ta_unrotate_rows": (None, [_p, _i64, _i64, _p, _i64]),
 }
 
 
@@ -73,12 +71,13 @@ def _load(path: Path | None) -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
+    # ta_isa() also fills the kernels' constant table, so it must run before any kernel; on other
+    # CPUs the library exports nothing else.
+    if lib.ta_abi_version() != _ABI_VERSION or lib.ta_isa() == 0:
+        return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
-    # ta_isa() also fills the kernels' constant table, so it must run before any kernel.
-    if lib.ta_abi_version() != _ABI_VERSION or lib.ta_isa() == 0:
-        return None
     return lib
 
 
@@ -139,12 +138,6 @@ def rotate_rows(x: torch.Tensor, signs: torch.Tensor, padded: int, block: int) -
     return out
 
 
-def unrotate_rows_(values: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """``(values·H) ⊙ s`` blockwise, in place (as ``unrotate``). ``values``: contiguous fp32 ``[rows, Kp]``."""
-    _library().ta_unrotate_rows(values.data_ptr(), values.shape[0], values.shape[1], signs.data_ptr(), block)
-    return values
-
-
 def linear(codes: Codes, x: torch.Tensor) -> torch.Tensor:
     """``rot(x) · W_levelᵀ`` reading the codes in place (rotation included).
 
@@ -166,31 +159,45 @@ def linear(codes: Codes, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_rows(codes: Codes, ids: torch.Tensor | None = None, first: int = 0, count: int | None = None,
+def decode_rows(codes: Codes, first: int = 0, count: int | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of the rotated weight ``W_level`` (``[rows, Kp]``, fp32 or bf16).
+    """Rows ``first .. first+count-1`` of the rotated weight ``W_level`` (``[count, Kp]`` fp32).
 
     Args:
         codes: from :func:`codes_for`.
-        ids: row indices (any integer tensor); None for the range ``first .. first+count-1``.
-        first: first row of the range.
-        count: rows in the range (default: all from ``first``).
-        out: a contiguous fp32 or bf16 tensor with room for the rows (reused between chunks);
-            default a new fp32 one.
+        first: first row.
+        count: rows (default: all from ``first``).
+        out: a contiguous fp32 tensor with room for the rows (reused between chunks); default a
+            new one.
 
     Returns:
         The decoded rows (a view of ``out`` when given).
+    """
+    rows = codes.out_features - first if count is None else count
+    if out is None:
+        out = torch.empty(rows, codes.padded, dtype=torch.float32)
+    target = out.view(-1)[: rows * codes.padded].view(rows, codes.padded)
+    _library().ta_decode_rows(ctypes.byref(codes), first, rows, target.data_ptr())
+    return target
+
+
+def weight_rows(codes: Codes, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of ``W_level`` itself, un-rotated: an embedding lookup, or a conv's whole weight.
+
+    Args:
+        codes: from :func:`codes_for`.
+        ids: row indices (any integer tensor); None for every row.
+
+    Returns:
+        ``[rows, in_features]`` fp32 (no rank branch).
 
     Raises:
         IndexError: an id is outside ``0 .. out_features-1`` (as ``F.embedding`` does).
     """
     index = None if ids is None else ids.reshape(-1).to(torch.int64).contiguous()
-    rows = index.numel() if index is not None else (codes.out_features - first if count is None else count)
-    if out is None:
-        out = torch.empty(rows, codes.padded, dtype=torch.float32)
-    target = out.view(-1)[: rows * codes.padded].view(rows, codes.padded)
-    status = _library().ta_decode_rows(ctypes.byref(codes), None if index is None else index.data_ptr(), first,
-                                       rows, int(out.dtype == torch.bfloat16), target.data_ptr())
-    if status:
+    rows = codes.out_features if index is None else index.numel()
+    out = torch.empty(rows, codes.in_features, dtype=torch.float32)
+    if _library().ta_weight_rows(ctypes.byref(codes), None if index is None else index.data_ptr(), 0, rows,
+                                 out.data_ptr()):
         raise IndexError(f"index out of range: ids must be in 0..{codes.out_features - 1}")
-    return target
+    return out

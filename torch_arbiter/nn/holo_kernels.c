@@ -6,13 +6,12 @@
  * with torch ops costs several elementwise passes over the weight per call. These kernels read
  * the fragments as stored (no repacking, so the resident bytes stay the fragments' bytes):
  *
- *   ta_linear       out = x_rot · W_levelᵀ for a few input rows, decoding each group's codes
- *                   in registers (the weight is read once, as nibbles);
- *   ta_decode_rows  W_level rows as fp32 or bf16 (a transient for a dense matmul, a conv,
- *                   an embedding lookup);
- *   ta_rotate_rows / ta_unrotate_rows
- *                   the incoherence rotation ((x ⊙ s)·H and (x·H) ⊙ s) as a fast
- *                   Walsh-Hadamard transform instead of a dense matmul by H.
+ *   ta_linear       out = rot(x) · W_levelᵀ for a few input rows, reading each weight row's
+ *                   nibbles once per 4 input rows;
+ *   ta_decode_rows  rows of the rotated W_level in fp32 (chunks for a dense matmul);
+ *   ta_weight_rows  rows of W_level itself, un-rotated (a conv's weight, an embedding lookup);
+ *   ta_rotate_rows  the input's incoherence rotation (x ⊙ s)·H.
+ * The rotations run as fast Walsh-Hadamard transforms instead of dense matmuls by H.
  *
  * Values: w = (q₁ - 8)·s₁ + z₁ [+ (q₂ - 7.5)·s₂], s₂ = s₁·2^(r/32 - 8); a symmetric level 1
  * has z₁ = s₁/2. The sums run in fp32. Single-threaded; AVX2+FMA only: on other CPUs
@@ -40,6 +39,9 @@ typedef struct {
 } ta_codes;
 
 int ta_abi_version(void) { return TA_KERNELS_ABI; }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 
 /* 2^(r/32 - 8) for each lo_ratio code r, filled by ta_isa() (which Python calls before any kernel). */
 static float ratio_values[256];
@@ -71,19 +73,36 @@ static group_grid grid_of(const ta_codes *c, int64_t group, int64_t row) {
     return grid;
 }
 
-static void fwht_block(float *v, int64_t block) {
-    for (int64_t h = 1; h < block; h *= 2)
+
+#define TA_AVX2 __attribute__((target("avx2,fma")))
+
+/* In place, unnormalised: v = v·H for one Hadamard block, a power of two >= 32 (the kernels
+ * take group sizes that are multiples of 32, so Kp and its largest power-of-two block are too). */
+TA_AVX2 static void fwht_block(float *v, int64_t block) {
+    /* Butterflies of span 1, 2 and 4 inside each 8-lane vector: lanes of the upper half of a
+     * span take partner - self, the lower ones self + partner. */
+    for (int64_t i = 0; i < block; i += 8) {
+        __m256 x = _mm256_loadu_ps(v + i);
+        __m256 partner = _mm256_permute_ps(x, 0xB1);
+        x = _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), 0xAA);
+        partner = _mm256_permute_ps(x, 0x4E);
+        x = _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), 0xCC);
+        partner = _mm256_permute2f128_ps(x, x, 0x01);
+        x = _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), 0xF0);
+        _mm256_storeu_ps(v + i, x);
+    }
+    for (int64_t h = 8; h < block; h *= 2)
         for (int64_t i = 0; i < block; i += 2 * h)
-            for (int64_t j = i; j < i + h; j++) {
-                float a = v[j], b = v[j + h];
-                v[j] = a + b;
-                v[j + h] = a - b;
+            for (int64_t j = i; j < i + h; j += 8) {
+                __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
+                _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
             }
 }
 
 /* out[m] = blockwise ((x[m] zero-padded to Kp) ⊙ s) · H, H the orthonormal Sylvester Hadamard. */
-void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, const int8_t *signs,
-                    int64_t padded, int64_t block, float *out) {
+TA_AVX2 void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, const int8_t *signs,
+                            int64_t padded, int64_t block, float *out) {
     float norm = 1.0f / sqrtf((float)block);
     for (int64_t m = 0; m < rows; m++) {
         float *row = out + m * padded;
@@ -97,21 +116,13 @@ void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, const int
     }
 }
 
-/* data[m] = blockwise (data[m] · H) ⊙ s, in place (the inverse of ta_rotate_rows). */
-void ta_unrotate_rows(float *data, int64_t rows, int64_t padded, const int8_t *signs, int64_t block) {
-    float norm = block > 1 ? 1.0f / sqrtf((float)block) : 1.0f;
-    for (int64_t m = 0; m < rows; m++) {
-        float *row = data + m * padded;
-        if (block > 1)
-            for (int64_t start = 0; start < padded; start += block) fwht_block(row + start, block);
-        for (int64_t k = 0; k < padded; k++) row[k] *= norm * signs[k];
-    }
+/* row = blockwise (row · H) ⊙ s, in place (the inverse of the rotation). */
+TA_AVX2 static void unrotate_row(float *row, int64_t padded, const int8_t *signs, int64_t block) {
+    float norm = 1.0f / sqrtf((float)block);
+    if (block > 1)
+        for (int64_t start = 0; start < padded; start += block) fwht_block(row + start, block);
+    for (int64_t k = 0; k < padded; k++) row[k] *= norm * signs[k];
 }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
-#define TA_AVX2 __attribute__((target("avx2,fma")))
 
 /* 32 codes from 16 packed bytes, in order, as four vectors of 8 floats. */
 TA_AVX2 static inline void codes32(const uint8_t *packed, __m256 out[4]) {
@@ -342,50 +353,48 @@ TA_AVX2 int ta_linear(const ta_codes *c, const float *x, int64_t rows, float *ou
     return status;
 }
 
-/* Round-to-nearest-even fp32 -> bf16 of 8 lanes (finite values). */
-TA_AVX2 static inline __m128i to_bf16(__m256 v) {
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    return packed;
+/* One row of the rotated W_level (Kp values) into out. */
+TA_AVX2 static void decode_row(const ta_codes *c, int64_t n, float *out) {
+    int64_t padded = c->padded, group_size = c->group_size, groups = padded / group_size;
+    const uint8_t *hi = c->hi + n * (padded / 2);
+    const uint8_t *lo = c->lo ? c->lo + n * (padded / 2) : NULL;
+    for (int64_t g = 0; g < groups; g++) {
+        group_grid grid = grid_of(c, g, n);
+        __m256 a1 = _mm256_set1_ps(grid.a1), a2 = _mm256_set1_ps(grid.a2), b = _mm256_set1_ps(grid.b);
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+            __m256 q[4], value[4];
+            codes32(hi + k / 2, q);
+            for (int j = 0; j < 4; j++) value[j] = _mm256_fmadd_ps(q[j], a1, b);
+            if (lo) {
+                codes32(lo + k / 2, q);
+                for (int j = 0; j < 4; j++) value[j] = _mm256_fmadd_ps(q[j], a2, value[j]);
+            }
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + k + 8 * j, value[j]);
+        }
+    }
+}
+
+/* Rows first .. first+count-1 of the rotated W_level into out ([count, Kp] fp32). */
+TA_AVX2 void ta_decode_rows(const ta_codes *c, int64_t first, int64_t count, float *out) {
+    for (int64_t i = 0; i < count; i++) decode_row(c, first + i, out + i * c->padded);
 }
 
 /*
- * Rows of W_level (rotated, [count, Kp]) into out: the rows row_ids[i] when row_ids is not NULL,
- * else rows first .. first+count-1. out is fp32, or bf16 when out_bf16 is non-zero.
- * Returns 0, or -1 (nothing written) when a row id is outside 0 .. out_features-1.
+ * Rows of W_level itself (un-rotated, its first in_features columns) into out
+ * ([count, in_features] fp32): rows row_ids[i], or first .. first+count-1 when row_ids is NULL.
+ * Returns 0; -1 (nothing written) when a row id is outside 0 .. out_features-1 or out of memory.
  */
-TA_AVX2 int ta_decode_rows(const ta_codes *c, const int64_t *row_ids, int64_t first, int64_t count,
-                           int out_bf16, void *out) {
-    int64_t padded = c->padded, group_size = c->group_size, groups = padded / group_size;
+TA_AVX2 int ta_weight_rows(const ta_codes *c, const int64_t *row_ids, int64_t first, int64_t count, float *out) {
     for (int64_t i = 0; row_ids && i < count; i++)
         if (row_ids[i] < 0 || row_ids[i] >= c->out_features) return -1;
+    float *row = malloc(sizeof(float) * (size_t)c->padded);
+    if (!row) return -1;
     for (int64_t i = 0; i < count; i++) {
-        int64_t n = row_ids ? row_ids[i] : first + i;
-        const uint8_t *hi = c->hi + n * (padded / 2);
-        const uint8_t *lo = c->lo ? c->lo + n * (padded / 2) : NULL;
-        for (int64_t g = 0; g < groups; g++) {
-            group_grid grid = grid_of(c, g, n);
-            __m256 a1 = _mm256_set1_ps(grid.a1), a2 = _mm256_set1_ps(grid.a2), b = _mm256_set1_ps(grid.b);
-            for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
-                __m256 q[4], value[4];
-                codes32(hi + k / 2, q);
-                for (int j = 0; j < 4; j++) value[j] = _mm256_fmadd_ps(q[j], a1, b);
-                if (lo) {
-                    codes32(lo + k / 2, q);
-                    for (int j = 0; j < 4; j++) value[j] = _mm256_fmadd_ps(q[j], a2, value[j]);
-                }
-                for (int j = 0; j < 4; j++) {
-                    int64_t at = i * padded + k + 8 * j;
-                    if (out_bf16)
-                        _mm_storeu_si128((__m128i *)((uint16_t *)out + at), to_bf16(value[j]));
-                    else
-                        _mm256_storeu_ps((float *)out + at, value[j]);
-                }
-            }
-        }
+        decode_row(c, row_ids ? row_ids[i] : first + i, row);
+        unrotate_row(row, c->padded, c->signs, c->block);
+        memcpy(out + i * c->in_features, row, sizeof(float) * (size_t)c->in_features);
     }
+    free(row);
     return 0;
 }
 
@@ -398,13 +407,5 @@ int ta_isa(void) {
 #else
 
 int ta_isa(void) { return 0; }
-int ta_linear(const ta_codes *c, const float *x, int64_t rows, float *out) {
-    (void)c; (void)x; (void)rows; (void)out;
-    return -1;
-}
-int ta_decode_rows(const ta_codes *c, const int64_t *row_ids, int64_t first, int64_t count, int out_bf16, void *out) {
-    (void)c; (void)row_ids; (void)first; (void)count; (void)out_bf16; (void)out;
-    return -1;
-}
 
 #endif

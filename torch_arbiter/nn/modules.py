@@ -160,20 +160,18 @@ class _HoloModule(nn.Module):
 
     def _weight_rows(self, ids: torch.Tensor | None) -> torch.Tensor:
         """fp32 rows ``ids`` (all when None) of the current quantised level, without the rank branch."""
-        meta, resident = self.holo.meta, self._resident
         if self._codes is not None:
-            values = _kernels.unrotate_rows_(_kernels.decode_rows(self._codes, ids), resident["signs"], meta["block"])
-        else:
-            hi, scales, lo, ratio = resident["hi"], resident["scales"], resident.get("lo"), resident.get("lo_ratio")
-            if ids is not None:
-                if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < hi.shape[0]:
-                    raise IndexError(f"index out of range: ids must be in 0..{hi.shape[0] - 1}")
-                hi, scales = hi[ids], scales[:, ids]
-                lo, ratio = (lo[ids], ratio[:, ids]) if lo is not None else (None, None)
-            lo_stage = (unpack_nibbles(lo), ratio) if lo is not None else None
-            values = dequantize_codes(unpack_nibbles(hi), scales, lo_stage, meta["group_size"], torch.float32)
-            values = unrotate(values, resident["signs"], meta["block"])
-        return values[:, : meta["in_features"]]
+            return _kernels.weight_rows(self._codes, ids)
+        meta, resident = self.holo.meta, self._resident
+        hi, scales, lo, ratio = resident["hi"], resident["scales"], resident.get("lo"), resident.get("lo_ratio")
+        if ids is not None:
+            if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < hi.shape[0]:
+                raise IndexError(f"index out of range: ids must be in 0..{hi.shape[0] - 1}")
+            hi, scales = hi[ids], scales[:, ids]
+            lo, ratio = (lo[ids], ratio[:, ids]) if lo is not None else (None, None)
+        lo_stage = (unpack_nibbles(lo), ratio) if lo is not None else None
+        values = dequantize_codes(unpack_nibbles(hi), scales, lo_stage, meta["group_size"], torch.float32)
+        return unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
 
     def _original_weight(self) -> nn.Parameter:
         # The exact fragment itself (no copy): restoring a model must not double its memory.
