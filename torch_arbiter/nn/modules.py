@@ -160,8 +160,9 @@ class _HoloModule(nn.Module):
 
     def _weight_rows(self, ids: torch.Tensor | None) -> torch.Tensor:
         """fp32 rows ``ids`` (all when None) of the current quantised level, without the rank branch."""
-        if self._codes is not None:
-            return _kernels.weight_rows(self._codes, ids)
+        codes = self._codes
+        if codes is not None:
+            return _kernels.weight_rows(codes, ids)
         meta, resident = self.holo.meta, self._resident
         hi, scales, lo, ratio = resident["hi"], resident["scales"], resident.get("lo"), resident.get("lo_ratio")
         if ids is not None:
@@ -258,13 +259,14 @@ class HoloLinear(_HoloModule):
             return F.linear(x, _as(self._resident["weight"], x.dtype), _as(self.bias, x.dtype))
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
-        if self._codes is not None:
+        codes = self._codes
+        if codes is not None:
             rows = flat.float().contiguous()
-            if rows.shape[0] < _DENSE_ROWS and self._codes.fused:
-                out = _kernels.linear(self._codes, rows)
+            if rows.shape[0] < _DENSE_ROWS and codes.fused:
+                out = _kernels.linear(codes, rows)
             else:
-                rotated = _kernels.rotate_rows(rows, self._resident["signs"], meta["padded_features"], meta["block"])
-                out = _dense_matmul(self._codes, rotated)
+                rotated = _kernels.rotate_rows(rows, codes.tensors["signs"], meta["padded_features"], meta["block"])
+                out = _dense_matmul(codes, rotated)
             out = out.to(x.dtype)
         else:
             # Rotate the input rather than un-rotate the weight (fewer flops per call).
