@@ -268,6 +268,17 @@ TA_AVX2 static inline __m256 block_lanes(const float *column, int64_t group_a, i
     return _mm256_blend_ps(first, second, 0xF0);
 }
 
+/* acc[r] += one stage's block t (codes, per-lane grid scale) against input rows m0 + r. */
+TA_AVX2 static inline __attribute__((always_inline)) void add_stage(
+        __m256 *acc, int nr, const block_codes *codes, __m256 scale, const packed_input *in, int64_t m0,
+        int64_t t, int64_t padded, int64_t blocks) {
+    for (int r = 0; r < nr; r++) {
+        const int16_t *x = in->values + (m0 + r) * padded + t * TA_BLOCK;
+        __m256 step = _mm256_loadu_ps(in->run_scale + ((m0 + r) * blocks + t) * 8);
+        acc[r] = _mm256_fmadd_ps(block_dot(codes, x), _mm256_mul_ps(scale, step), acc[r]);
+    }
+}
+
 /* Σ_k over the codes of output row n for up to TA_ROWS input rows m0.. (nr a constant after inlining). */
 TA_AVX2 static inline __attribute__((always_inline)) void rows_dot(
         const ta_codes *c, const packed_input *in, int64_t m0, int nr, int64_t n, const chunk_grids *grids,
@@ -280,20 +291,10 @@ TA_AVX2 static inline __attribute__((always_inline)) void rows_dot(
     for (int64_t t = 0; t < blocks; t++) {
         int64_t group_a = run_group[2 * t], group_b = run_group[2 * t + 1];
         block_codes first = load_block(hi + t * TA_BLOCK / 2);
-        __m256 scale1 = block_lanes(grids->a1 + column, group_a, group_b);
-        for (int r = 0; r < nr; r++) {
-            const int16_t *x = in->values + (m0 + r) * padded + t * TA_BLOCK;
-            __m256 step = _mm256_loadu_ps(in->run_scale + ((m0 + r) * blocks + t) * 8);
-            acc[r] = _mm256_fmadd_ps(block_dot(&first, x), _mm256_mul_ps(scale1, step), acc[r]);
-        }
+        add_stage(acc, nr, &first, block_lanes(grids->a1 + column, group_a, group_b), in, m0, t, padded, blocks);
         if (lo) {
             block_codes second = load_block(lo + t * TA_BLOCK / 2);
-            __m256 scale2 = block_lanes(grids->a2 + column, group_a, group_b);
-            for (int r = 0; r < nr; r++) {
-                const int16_t *x = in->values + (m0 + r) * padded + t * TA_BLOCK;
-                __m256 step = _mm256_loadu_ps(in->run_scale + ((m0 + r) * blocks + t) * 8);
-                acc[r] = _mm256_fmadd_ps(block_dot(&second, x), _mm256_mul_ps(scale2, step), acc[r]);
-            }
+            add_stage(acc, nr, &second, block_lanes(grids->a2 + column, group_a, group_b), in, m0, t, padded, blocks);
         }
     }
     for (int r = 0; r < nr; r++) out[(m0 + r) * c->out_features + n] += hsum(acc[r]);
