@@ -16,9 +16,11 @@ Two ways to put the library under PyTorch:
   next scope starts a fresh pool.
 * **global mode** (:func:`install`): the library replaces PyTorch's CUDA allocator for the whole
   process. It must run before anything initialises CUDA, there is no caching on top (every
-  tensor is a cudaMalloc), ``torch.cuda.memory_stats()`` and friends are unsupported, and
-  PyTorch does not check the pointer a pluggable allocator returns, so limits are only
-  *accounted* in this mode (a refusal would hand a null pointer to a kernel).
+  tensor is a cudaMalloc), and ``torch.cuda.memory_stats()`` and friends are unsupported.
+  PyTorch does not check the pointer a global pluggable allocator returns, so in this mode the
+  shim never returns a null one: a refusal or a failed cudaMalloc throws PyTorch's own
+  ``c10::OutOfMemoryError`` (from ``oom.cpp``, built at ``install()``), i.e.
+  ``torch.OutOfMemoryError`` in the caller.
 
 Either way the ledger limit of each workload follows its ``Allocation.granted_bytes``: set when
 a scope is entered and updated by an arbiter listener after every rebalance.
@@ -27,11 +29,16 @@ a scope is entered and updated by an arbiter listener after every rebalance.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import logging
 import math
 import os
+import shutil
+import subprocess
 import threading
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ..errors import AllocatorError, InvalidRequestError, WorkloadOutOfMemoryError
@@ -57,6 +64,7 @@ _T = TypeVar("_T")
 _lock = threading.Lock()
 _installed = False
 _pluggable: Any = None
+_oom_library: ctypes.CDLL | None = None  # kept loaded: the shim holds a pointer into it
 _syncs: "weakref.WeakKeyDictionary[Arbiter, _LimitSync]" = weakref.WeakKeyDictionary()
 
 
@@ -105,18 +113,20 @@ def _loaded_cudart() -> str | None:
     return None
 
 
-def install(*, enforce: bool = False) -> None:
+def install(*, enforce: bool = True) -> None:
     """Make the library PyTorch's CUDA allocator for this whole process (global mode).
 
     Call it first thing, before any tensor touches CUDA. Every CUDA allocation of the process is
     then charged to the calling thread's workload (the default workload 0 outside any scope).
 
     Args:
-        enforce: refuse allocations past a limit. Off by default because PyTorch's
-            ``CUDAPluggableAllocator::allocate`` (in the 2.x sources read) does not check the
-            pointer a global pluggable allocator returns: a refusal becomes a
-            null data pointer, not ``torch.OutOfMemoryError``. Turn it on only if your PyTorch
-            checks it.
+        enforce: refuse allocations past a limit (True) or only account for them (False). A
+            refusal, like a failed cudaMalloc, becomes ``torch.OutOfMemoryError`` in the caller:
+            PyTorch's ``CUDAPluggableAllocator::allocate`` does not check the pointer a global
+            pluggable allocator returns, so the shim throws PyTorch's own ``c10::OutOfMemoryError``
+            from a small C++ helper (``oom.cpp``) instead of returning a null pointer. The helper
+            is built once per torch version against the running torch's headers, with the system
+            C++ compiler, into ``$TORCH_ARBITER_CACHE`` (default ``~/.cache/torch_arbiter``).
 
     Limits: no caching on top (every tensor is a cudaMalloc/cudaFree: slow for many small
     tensors, and ``empty_cache()`` has nothing to release); ``torch.cuda.memory_stats()`` and the
@@ -126,7 +136,8 @@ def install(*, enforce: bool = False) -> None:
 
     Raises:
         AllocatorError: CUDA is already initialised (restart the process and call ``install()``
-            before anything uses CUDA), no CUDA build of PyTorch, or the backend is ``host``.
+            before anything uses CUDA), no CUDA build of PyTorch, the backend is ``host``, or no
+            C++ compiler could build the out-of-memory helper.
     """
     global _installed
     torch = _require_cuda_torch()
@@ -141,9 +152,67 @@ def install(*, enforce: bool = False) -> None:
     if backend() == "host":
         raise AllocatorError("the library is on the host backend: set_backend('cuda') before install()")
     allocator = pluggable_allocator()
+    _set_oom_handler(_load_oom_helper(torch))
     set_enforce(enforce)
     torch.cuda.memory.change_current_allocator(allocator)
     _installed = True
+
+
+def _load_oom_helper(torch: Any) -> ctypes.CDLL:
+    """The loaded out-of-memory helper (``oom.cpp``), built against ``torch``'s headers once.
+
+    Args:
+        torch: the imported torch module (its headers, ``libc10`` and C++ ABI flag are used).
+
+    Returns:
+        The helper library; its ``torch_arbiter_throw_oom(const char*)`` throws
+        ``c10::OutOfMemoryError``.
+
+    Raises:
+        AllocatorError: no C++ compiler (set ``CXX``), or the build failed (its output quoted).
+    """
+    global _oom_library
+    with _lock:
+        if _oom_library is None:
+            _oom_library = ctypes.CDLL(str(_build_oom_helper(torch)))
+        return _oom_library
+
+
+def _build_oom_helper(torch: Any) -> Path:
+    source = Path(__file__).with_name("oom.cpp")
+    root = Path(torch.__file__).parent
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    digest = hashlib.sha256(f"{torch.__version__}|{abi}|{root}|".encode() + source.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCH_ARBITER_CACHE") or Path.home() / ".cache" / "torch_arbiter")
+    target = cache / f"oom-{digest}.so"
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise AllocatorError(
+            "global mode needs a C++ compiler once, to build its out-of-memory helper against torch's "
+            "headers (install g++ or set CXX), or use pool mode (no install())"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    errors = []
+    for standard in ("c++20", "c++17"):  # torch >= 2.10 headers need C++20, older ones C++17
+        command = [compiler, "-shared", "-fPIC", "-O1", f"-std={standard}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                   "-I", str(root / "include"), str(source), "-o", str(partial),
+                   "-L", str(root / "lib"), "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(partial, target)  # whole or absent: a concurrent build never sees half a file
+            return target
+        errors.append(done.stderr.strip()[-1500:])
+    raise AllocatorError(f"building the out-of-memory helper {source} failed ({compiler}): {errors[-1]}")
+
+
+def _set_oom_handler(helper: ctypes.CDLL | None) -> None:
+    """Make the shim throw through ``helper`` (global mode) or return NULL (``None``: pool mode)."""
+    setter = library().torch_arbiter_set_oom_handler
+    setter.argtypes, setter.restype = [ctypes.c_void_p], None
+    setter(None if helper is None else ctypes.cast(helper.torch_arbiter_throw_oom, ctypes.c_void_p))
 
 
 def is_installed() -> bool:
