@@ -348,7 +348,8 @@ class _LimitSync:
     Tracks the allocations that entered a scope or moved in a rebalance since this was made.
 
     Registered once per arbiter as a listener. It also owns the allocations' memory pools
-    (pool mode), dropped when their allocation is released. On CPU a ledger that cannot be
+    (pool mode: one per workload and thread), retired when their allocation is lowered or
+    released. On CPU a ledger that cannot be
     attached (no writable /dev/shm) only costs the limits: scopes still select the workload.
     """
 
