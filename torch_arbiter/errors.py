@@ -22,6 +22,7 @@ __all__ = [
     "WorkloadOutOfMemoryError",
     "ModelNotAvailableError",
     "UnknownFragmentError",
+    "MissingDependencyError",
 ]
 
 
@@ -81,3 +82,7 @@ class UnknownFragmentError(InvalidRequestError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(ArbiterError, ImportError):
+    """An optional feature's packages are not installed (the message names the pip extra)."""
