@@ -22,7 +22,7 @@ __all__ = [
     "WorkloadOutOfMemoryError",
     "ModelNotAvailableError",
     "UnknownFragmentError",
-    "MissingDependencyError",
+    "OptionalDependencyError",
 ]
 
 
@@ -84,5 +84,6 @@ class UnknownFragmentError(InvalidRequestError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class MissingDependencyError(ArbiterError, ImportError):
-    """An optional feature's packages are not installed (the message names the pip extra)."""
+class OptionalDependencyError(ArbiterError, ImportError):
+    """A feature needs a package from one of torch_arbiter's extras that is not installed (the message
+    names the pip command)."""
