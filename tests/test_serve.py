@@ -129,7 +129,8 @@ def test_models_health_metrics_and_the_api_key(server, client):
     assert caught.value.body["code"] == "invalid_api_key"
     assert httpx.get(f"{url}/metrics").status_code == 401
     metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    assert f'torch_arbiter_serve_quality{{model="{CHAT}"}}' in metrics
+    assert f'torch_arbiter_serve_in_flight{{model="{CHAT}"}}' in metrics
+    assert "torch_arbiter_workload_quality_in_effect{" in metrics and "torch_arbiter_rebalances_total" in metrics
     health = _health(server)
     assert health["status"] == "ok" and set(health["models"]) == {CHAT, IMAGE}
 
@@ -256,10 +257,10 @@ def test_a_client_that_drops_a_stream_frees_its_slot(server):
 def test_a_missing_serve_extra_says_what_to_install(monkeypatch):
     import importlib.util
 
-    from torch_arbiter import MissingDependencyError
+    from torch_arbiter import OptionalDependencyError
     from torch_arbiter.serve import require_serve_dependencies
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
-    with pytest.raises(MissingDependencyError, match=r"pip install 'torch-arbiter\[serve\]'"):
+    with pytest.raises(OptionalDependencyError, match=r"pip install 'torch-arbiter\[serve\]'"):
         require_serve_dependencies()

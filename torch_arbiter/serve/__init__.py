@@ -6,7 +6,7 @@ app (:mod:`.app`, FastAPI) speaks the OpenAI chat-completions and images APIs.
 
 The HTTP side needs the ``serve`` extra (``pip install 'torch-arbiter[serve]'``): FastAPI and
 uvicorn are imported only by :func:`create_app` and :func:`run`, which raise
-:class:`~torch_arbiter.errors.MissingDependencyError` saying so when they are missing.
+:class:`~torch_arbiter.errors.OptionalDependencyError` saying so when they are missing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Iterator
 
-from ..errors import MissingDependencyError
+from ..errors import OptionalDependencyError
 from .host import ModelHost, ServeConfig, replica_name
 
 __all__ = ["ServeConfig", "ModelHost", "create_app", "run", "replica_name", "require_serve_dependencies",
@@ -30,11 +30,11 @@ def require_serve_dependencies() -> None:
     """Check that the ``serve`` extra is installed.
 
     Raises:
-        MissingDependencyError: a package of the extra is missing (the message says what to install).
+        OptionalDependencyError: a package of the extra is missing (the message says what to install).
     """
     missing = [name for name in _SERVE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingDependencyError(
+        raise OptionalDependencyError(
             f"torch-arbiter serve needs {', '.join(missing)}: run `pip install 'torch-arbiter[serve]'`")
 
 
@@ -42,7 +42,7 @@ def create_app(host: ModelHost, *, owns_host: bool = False):
     """The FastAPI app over a loaded :class:`ModelHost` (see :func:`torch_arbiter.serve.app.create_app`).
 
     Raises:
-        MissingDependencyError: FastAPI or prometheus_client is not installed.
+        OptionalDependencyError: FastAPI or prometheus_client is not installed.
     """
     require_serve_dependencies()
     from .app import create_app as _create_app
@@ -60,7 +60,7 @@ def run(config: ServeConfig) -> int:
         0 after a clean shutdown (Ctrl-C or SIGTERM).
 
     Raises:
-        MissingDependencyError: the ``serve`` extra is not installed.
+        OptionalDependencyError: the ``serve`` extra is not installed.
     """
     require_serve_dependencies()
     import uvicorn
@@ -87,7 +87,7 @@ def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, timeout: flo
         The base URL, e.g. ``http://127.0.0.1:41234`` (add ``/v1`` for the OpenAI client).
 
     Raises:
-        MissingDependencyError: uvicorn is not installed.
+        OptionalDependencyError: uvicorn is not installed.
         RuntimeError: the server did not start within ``timeout``.
     """
     require_serve_dependencies()

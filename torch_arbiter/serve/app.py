@@ -399,37 +399,32 @@ def _priority(request: Request, default: Priority, ceiling: Priority) -> Priorit
 
 
 def _metrics(host: ModelHost):
-    """A Prometheus registry with the serving counters of ``host`` (and the arbiter's, if available)."""
+    """A Prometheus registry: the arbiter's own series (:class:`~torch_arbiter.metrics.ArbiterCollector`:
+    device, per-model quality, priority and resident bytes) and the server's request counters."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+    from ..metrics import ArbiterCollector
+
     class _ServeCollector:
         def collect(self):
-            status = host.status()["models"]
-            gauges = {
-                "quality": GaugeMetricFamily("torch_arbiter_serve_quality", "Quality the model's next call runs at",
-                                             labels=["model"]),
-                "in_flight": GaugeMetricFamily("torch_arbiter_serve_in_flight", "Requests queued or running",
-                                               labels=["model"]),
-                "resident_bytes": GaugeMetricFamily("torch_arbiter_serve_resident_bytes",
-                                                    "Weight bytes the model holds now", labels=["model"]),
-            }
-            counters = {name: CounterMetricFamily(f"torch_arbiter_serve_requests_{name}",
-                                                  f"Requests {name}", labels=["model"])
-                        for name in ("completed", "cancelled", "failed")}
+            in_flight = GaugeMetricFamily("torch_arbiter_serve_in_flight", "Requests queued or running",
+                                          labels=["model"])
+            counters = {name: CounterMetricFamily(f"torch_arbiter_serve_requests_{name}", f"Requests {name}",
+                                                  labels=["model"]) for name in ("completed", "cancelled", "failed")}
             retries = CounterMetricFamily("torch_arbiter_serve_preemption_retries",
                                           "Model calls retried after a preemption", labels=["model"])
-            for model_id, row in status.items():
-                for name, family in gauges.items():
-                    if row[name] is not None:
-                        family.add_metric([model_id], row[name])
+            for model_id, runner in host.runners().items():
+                in_flight.add_metric([model_id], runner.in_flight)
                 for name, family in counters.items():
-                    family.add_metric([model_id], row[name])
-                retries.add_metric([model_id], row["retries"])
-            yield from gauges.values()
+                    family.add_metric([model_id], getattr(runner, name))
+                retries.add_metric([model_id], runner.retries)
+            yield in_flight
             yield from counters.values()
             yield retries
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ServeCollector())
+    if host.arbiter is not None:
+        registry.register(ArbiterCollector(host.arbiter))
     return registry
