@@ -264,3 +264,44 @@ def test_a_missing_serve_extra_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     with pytest.raises(OptionalDependencyError, match=r"pip install 'torch-arbiter\[serve\]'"):
         require_serve_dependencies()
+
+
+@pytest.mark.slow
+def test_the_serve_command_answers_the_openai_client(tmp_path):
+    """``torch-arbiter serve`` as a real process: loopback by default, the key from the environment,
+    a clean exit on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "torch_arbiter.cli", "serve", "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TORCH_ARBITER_API_KEY": KEY})
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(f"{url}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait(up, timeout=180)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(**_chat("Say hi", max_tokens=3))
+        assert reply.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="other", max_retries=0).models.list()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    output = (tmp_path / "serve.log").read_text()
+    assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once it has shut down
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in output and "Application shutdown complete" in output
