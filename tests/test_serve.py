@@ -305,3 +305,58 @@ def test_the_serve_command_answers_the_openai_client(tmp_path):
     output = (tmp_path / "serve.log").read_text()
     assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once it has shut down
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output and "Application shutdown complete" in output
+
+
+def test_a_preempted_forward_is_retried_and_the_request_completes():
+    """The chat runner over a small real transformers model whose forward is refused twice with
+    PreemptedError at its start (where a suspended model's forward gives up waiting): the request
+    still completes, with the same tokens as without the refusals."""
+    import asyncio
+    import contextlib
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from torch_arbiter import PreemptedError, models
+    from torch_arbiter.serve.runners import ChatJob, ChatRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(models.smollm2_holo_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    refusals = {"left": 0}
+
+    def refuse(_module, _args, _kwargs):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise PreemptedError("suspended: retry after re-admission")
+
+    model.register_forward_pre_hook(refuse, with_kwargs=True)
+
+    class Backend:
+        def lease(self):
+            return contextlib.nullcontext(model)
+
+        def served_quality(self):
+            return 1.0
+
+    runner = ChatRunner("tiny", tokenizer, Backend(), context_length=512, eos_token_ids=set())
+
+    async def complete(prompt_ids):
+        job = ChatJob(loop=asyncio.get_running_loop(), prompt_ids=prompt_ids, max_tokens=5, temperature=0)
+        runner.submit(job)
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(await asyncio.wait_for(job.events.get(), 60))
+        return events, job.generated
+
+    try:
+        prompt = runner.encode([{"role": "user", "content": "hi"}])
+        _, plain_tokens = asyncio.run(complete(prompt))
+        refusals["left"] = 2
+        events, tokens = asyncio.run(complete(prompt))
+    finally:
+        runner.close()
+    assert events[-1] == ("done", {"finish_reason": "length", "prompt_tokens": len(prompt), "completion_tokens": 5})
+    assert tokens == plain_tokens and refusals["left"] == 0
+    assert runner.retries == 2 and runner.failed == 0 and runner.completed == 2

@@ -237,7 +237,12 @@ async def _submit(host: ModelHost, runner, priority: Priority, make_job):
     else:
         done = None
     job = make_job(loop, done)
-    runner.submit(job)
+    try:
+        runner.submit(job)
+    except RuntimeError:  # the server is shutting down
+        if done is not None:
+            await asyncio.to_thread(done)
+        raise _ApiError(503, "the server is shutting down: retry on another replica", type="server_error") from None
     try:
         kind, payload = await job.events.get()
     except BaseException:
