@@ -1,8 +1,9 @@
 """torch-arbiter serve: the official openai client against a real uvicorn on 127.0.0.1.
 
-The slow tests share one server (SmolLM2-135M-Instruct and the digits DDPM under one arbiter on
-the default virtual device: the chat model at full quality fits beside the image model at its
-floor, not beside it at full). Chats ask for few tokens and images for few denoising steps.
+The slow tests share one server: the ``torch-arbiter serve`` command, run as a process with its
+default models (SmolLM2-135M-Instruct and the digits DDPM under one arbiter on the default virtual
+device: the chat model at full quality fits beside the image model at its floor, not beside it at
+full). Chats ask for few tokens and images for few denoising steps.
 """
 
 from __future__ import annotations
@@ -79,13 +80,42 @@ def test_traffic_raises_a_busy_model_and_decays_an_idle_one():
 # ---- slow: the real server -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server():
-    from torch_arbiter.serve import ModelHost, create_app, serve_in_thread
+def server(tmp_path_factory):
+    """``torch-arbiter serve`` as a real process: loopback by default, the key from the environment;
+    stopped with SIGTERM, after which it must have shut down cleanly (models unloaded)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
 
-    host = ModelHost.load(ServeConfig(api_key=KEY, idle_decay_s=IDLE_DECAY_S, max_tokens=400))
-    with serve_in_thread(create_app(host, owns_host=True)) as url:
-        yield url, host
-    assert not any(m.patched for m in host.managed.values())  # the app's shutdown closed the host
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch_arbiter.cli", "serve", "--port", str(port), "--idle-decay-s",
+             str(IDLE_DECAY_S), "--max-tokens", "400"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TORCH_ARBITER_API_KEY": KEY})
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert process.poll() is None, log_path.read_text()
+        try:
+            return httpx.get(f"{url}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        _wait(up, timeout=300)
+        yield url, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    output = log_path.read_text()
+    assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once it has shut down
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in output and "Application shutdown complete" in output
 
 
 @pytest.fixture
@@ -136,14 +166,14 @@ def test_models_health_metrics_and_the_api_key(server, client):
 
 
 @pytest.mark.slow
-def test_a_chat_completion_with_its_quality_header(client):
+def test_a_chat_completion_with_its_quality_header(server, client):
     raw = client.chat.completions.with_raw_response.create(**_chat("Say hello", max_tokens=6))
     completion = raw.parse()
     assert completion.choices[0].message.content and completion.model == CHAT
     assert completion.usage.completion_tokens <= 6 and completion.choices[0].finish_reason in ("stop", "length")
     assert float(raw.headers[QUALITY]) == 1.0  # the busy chat outranks the idle image model
     assert raw.headers["x-torch-arbiter-priority"] == "high"
-    assert raw.headers["x-torch-arbiter-replica"].endswith(f":{__import__('os').getpid()}")
+    assert raw.headers["x-torch-arbiter-replica"].endswith(f":{server[1]}")
 
 
 @pytest.mark.slow
@@ -175,23 +205,21 @@ def test_concurrent_streamed_chats_and_image_requests(server, client):
 
 @pytest.mark.slow
 def test_the_qualities_follow_the_traffic(server, client):
-    _, host = server
-    image_managed = host.managed[IMAGE]
-    chat_managed = host.managed[CHAT]
     _wait_idle(server)
+    image_floor = _health(server)["models"][IMAGE]["min_quality"]
     alone = client.images.with_raw_response.generate(model=IMAGE, prompt="7", extra_body={"num_inference_steps": 2})
     assert float(alone.headers[QUALITY]) == 1.0  # busy image, idle chat: the image runs at full
-    assert chat_managed.quality < 1.0  # the idle chat gave way to it
+    assert _health(server)["models"][CHAT]["quality"] < 1.0  # the idle chat gave way to it
     stream = client.chat.completions.with_raw_response.create(**_chat("Tell me a story", max_tokens=60), stream=True)
     assert float(stream.headers[QUALITY]) == 1.0
     chunks = iter(stream.parse())
     next(chunks)
     during = client.images.with_raw_response.generate(model=IMAGE, prompt="7", extra_body={"num_inference_steps": 2})
-    assert float(during.headers[QUALITY]) == pytest.approx(image_managed.min_quality)  # the chat outranks it
+    assert float(during.headers[QUALITY]) == pytest.approx(image_floor)  # the chat outranks it
     asked = client.images.with_raw_response.generate(model=IMAGE, prompt="7", extra_body={"num_inference_steps": 2},
                                                      extra_headers={"x-torch-arbiter-priority": "critical"})
     assert asked.headers["x-torch-arbiter-priority"] == "high"  # clamped to the operator's max_priority
-    assert float(asked.headers[QUALITY]) > image_managed.min_quality  # equal priority: the device is shared
+    assert float(asked.headers[QUALITY]) > image_floor  # equal priority: the device is shared
     list(chunks)
     _wait_idle(server)
     assert _health(server)["models"][CHAT]["quality"] < 1.0  # both idle: shared again
@@ -232,7 +260,7 @@ def test_bad_requests_get_openai_errors(server, client):
 
 @pytest.mark.slow
 def test_a_client_that_drops_a_stream_frees_its_slot(server):
-    url, host = server
+    url, _ = server
     _wait_idle(server)
     before = _health(server)["models"][CHAT]
     got = []
@@ -264,47 +292,6 @@ def test_a_missing_serve_extra_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     with pytest.raises(OptionalDependencyError, match=r"pip install 'torch-arbiter\[serve\]'"):
         require_serve_dependencies()
-
-
-@pytest.mark.slow
-def test_the_serve_command_answers_the_openai_client(tmp_path):
-    """``torch-arbiter serve`` as a real process: loopback by default, the key from the environment,
-    a clean exit on SIGTERM."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with open(tmp_path / "serve.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "torch_arbiter.cli", "serve", "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TORCH_ARBITER_API_KEY": KEY})
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(f"{url}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait(up, timeout=180)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-        reply = client.chat.completions.create(**_chat("Say hi", max_tokens=3))
-        assert reply.choices[0].message.content
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="other", max_retries=0).models.list()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(60)
-    output = (tmp_path / "serve.log").read_text()
-    assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once it has shut down
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in output and "Application shutdown complete" in output
 
 
 def test_a_preempted_forward_is_retried_and_the_request_completes():
@@ -343,7 +330,7 @@ def test_a_preempted_forward_is_retried_and_the_request_completes():
     runner = ChatRunner("tiny", tokenizer, Backend(), context_length=512, eos_token_ids=set())
 
     async def complete(prompt_ids):
-        job = ChatJob(loop=asyncio.get_running_loop(), prompt_ids=prompt_ids, max_tokens=5, temperature=0)
+        job = ChatJob(asyncio.get_running_loop(), prompt_ids=prompt_ids, max_tokens=5, temperature=0)
         runner.submit(job)
         events = []
         while not events or events[-1][0] not in ("done", "error"):

@@ -163,7 +163,7 @@ def create_app(host: ModelHost, *, owns_host: bool = False) -> FastAPI:
                                  f"messages take {len(prompt_ids)} and {param} asks for {max_tokens}: shorten the "
                                  f"messages or lower {param}", param="messages", code="context_length_exceeded")
         job = await _submit(host, runner, priority, lambda loop, done: ChatJob(
-            loop=loop, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            loop, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             stop=stop, seed=seed, on_finish=done))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -214,7 +214,7 @@ def create_app(host: ModelHost, *, owns_host: bool = False) -> FastAPI:
         seed = _int_or_none(body, "seed")
         priority = _priority(request, config.image_priority, config.max_priority)
         job = await _submit(host, runner, priority, lambda loop, done: ImageJob(
-            loop=loop, prompt=prompt, n=n, size=size, steps=steps, seed=seed, on_finish=done))
+            loop, prompt=prompt, n=n, size=size, steps=steps, seed=seed, on_finish=done))
         try:
             kind, payload = await job.events.get()
         finally:

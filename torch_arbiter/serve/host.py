@@ -196,7 +196,7 @@ class ModelHost:
         return {self.chat.model_id: self.chat, self.image.model_id: self.image}
 
     def status(self) -> dict[str, Any]:
-        """Per model: quality in effect, priority, requests in flight, resident and full bytes."""
+        """Per model: quality in effect, priority, requests in flight and done, floor, resident and full bytes."""
         models = {}
         for model_id, runner in self.runners().items():
             managed = self.managed.get(model_id)
@@ -208,6 +208,7 @@ class ModelHost:
                 "cancelled": runner.cancelled,
                 "failed": runner.failed,
                 "retries": runner.retries,
+                "min_quality": managed.min_quality if managed else None,
                 "resident_bytes": managed.resident_bytes if managed else None,
                 "full_bytes": managed.full_bytes if managed else None,
             }

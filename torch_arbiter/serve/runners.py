@@ -30,7 +30,7 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -95,42 +95,50 @@ class Job:
                     _log.exception("on_finish of a job failed")
 
 
-@dataclass
 class ChatJob(Job):
-    """A chat completion: the prompt's token ids and the sampling settings."""
+    """A chat completion: the prompt's token ids and the sampling settings.
 
-    loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-    prompt_ids: list[int] = field(default_factory=list)
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    on_finish: Callable[[], None] | None = None
+    Args:
+        loop: the event loop that reads the events.
+        prompt_ids: the prompt through the chat template.
+        max_tokens: completion tokens at most.
+        temperature: 0 is greedy; else the softmax temperature.
+        top_p: nucleus sampling mass (1 keeps every token).
+        stop: strings that end the completion (not included in it).
+        seed: seeds the sampling (None: torch's global generator).
+        on_finish: see :class:`Job`.
+    """
 
-    def __post_init__(self) -> None:
-        Job.__init__(self, self.loop, self.on_finish)
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, prompt_ids: list[int], max_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: tuple[str, ...] = (), seed: int | None = None,
+                 on_finish: Callable[[], None] | None = None):
+        super().__init__(loop, on_finish)
+        self.prompt_ids, self.max_tokens = list(prompt_ids), max_tokens
+        self.temperature, self.top_p, self.stop = temperature, top_p, tuple(stop)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.generated: list[int] = []
         self.sent = ""
         self.cache: Any = None
         self.next_logits: torch.Tensor | None = None
-        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 
 
-@dataclass
 class ImageJob(Job):
-    """An image request: ``n`` images of ``size`` in ``steps`` denoising steps."""
+    """An image request: ``n`` images of ``size`` (width, height) in ``steps`` denoising steps.
 
-    loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-    prompt: str = ""
-    n: int = 1
-    size: tuple[int, int] = (0, 0)
-    steps: int = 25
-    seed: int | None = None
-    on_finish: Callable[[], None] | None = None
+    Args:
+        loop: the event loop that reads the events.
+        prompt: the text (ignored by an unconditional pipeline).
+        n: images in the one pipeline call.
+        size: ``(width, height)``, one :meth:`PipelineCall.allows`.
+        steps: denoising steps.
+        seed: seeds the pipeline's generator (a retried call makes the same images).
+        on_finish: see :class:`Job`.
+    """
 
-    def __post_init__(self) -> None:
-        Job.__init__(self, self.loop, self.on_finish)
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, prompt: str, n: int, size: tuple[int, int], steps: int,
+                 seed: int | None = None, on_finish: Callable[[], None] | None = None):
+        super().__init__(loop, on_finish)
+        self.prompt, self.n, self.size, self.steps, self.seed = prompt, n, size, steps, seed
 
 
 class ManagedBackend:
@@ -175,6 +183,7 @@ class _Runner:
         self.model_id = model_id
         self.backend = backend
         self._queue: list[Job] = []
+        self._live: set[Job] = set()
         self._cond = threading.Condition()
         self._closed = False
         self.in_flight = 0
@@ -195,6 +204,7 @@ class _Runner:
             if self._closed:
                 raise RuntimeError(f"the {self.model_id} runner is closed")
             self._queue.append(job)
+            self._live.add(job)
             self.in_flight += 1
             self._cond.notify()
 
@@ -202,7 +212,7 @@ class _Runner:
         """Stop the thread after cancelling every queued and running job."""
         with self._cond:
             self._closed = True
-            for job in self._queue:
+            for job in self._live:
                 job.cancel()
             self._cond.notify()
         self._thread.join(timeout)
@@ -234,6 +244,7 @@ class _Runner:
         if job._finished:
             return
         with self._cond:
+            self._live.discard(job)
             self.in_flight -= 1
             if kind == "done":
                 self.completed += 1
