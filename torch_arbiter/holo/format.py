@@ -269,7 +269,7 @@ def parse_index(raw: bytes, where: str, *, max_index_bytes: int = MAX_INDEX_BYTE
     except RecursionError:
         raise FormatError(f"{where} nests its JSON too deeply to be a holo index; re-convert the checkpoint") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{where} is not valid JSON ({exc}); re-convert the checkpoint") from None
+        raise FormatError(f"{where} is not a valid JSON holo index ({exc}); re-convert the checkpoint") from None
     _check_depth(index, where)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise FormatError(f"{where} is not a {FORMAT_NAME} index; point at a directory written by save_holo "
