@@ -114,6 +114,8 @@ class RemoteTier(TierStore):
         try:
             for _ in range(_MAX_REDIRECTS + 1):
                 location = self._request(url, byte_range, limit, deadline)
+                if time.monotonic() >= deadline:  # the watchdog may have cut the body short
+                    raise _Refused("the deadline passed")
                 if isinstance(location, bytes):
                     return location
                 url = self._follow(url, location)
@@ -246,6 +248,8 @@ def _read_body(response: http.client.HTTPResponse, limit: int) -> bytes:
             raise _Refused(f"the server announces {int(declared)} bytes where at most {limit} are expected "
                            "(raise CacheConfig.max_index_bytes if the index is really that large)")
     body = _read_upto(response, limit, keep=True)
+    if declared is not None and len(body) != int(declared):
+        raise _Refused(f"IncompleteRead: the body ended after {len(body)} of its {int(declared)} bytes")
     if len(body) == limit and response.read(1):
         raise _Refused(f"the body is longer than the {limit} bytes expected")
     return body
