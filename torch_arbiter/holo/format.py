@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 
 from ..errors import CorruptFragmentError, FormatError, InvalidRequestError
 from .codec import _DTYPES as _DTYPE_NAMES
-from .codec import HoloTensor, _dtype_from_name, _dtype_name, _expected_fragment_layout
+from .codec import HoloTensor, _dtype_from_name, _dtype_name, _expected_fragment_layout, _largest_block
 
 __all__ = [
     "INDEX_NAME",
@@ -334,8 +334,8 @@ def _check_tensor_meta(name: str, meta: object, where: str) -> dict[str, tuple[l
     scheme, levels, fragments = meta.get("scheme"), meta.get("levels"), meta.get("fragments")
     if scheme not in ("exact", "nested4x2"):
         raise bad(f"has scheme {scheme!r} (this torch_arbiter reads 'exact' and 'nested4x2'; upgrade it?)")
-    if not isinstance(levels, list) or len(levels) != (1 if scheme == "exact" else 3):
-        raise bad(f"has levels {levels!r:.80}, expected a list of {1 if scheme == 'exact' else 3}")
+    if not isinstance(levels, list) or not (len(levels) == 1 if scheme == "exact" else 2 <= len(levels) <= 16):
+        raise bad(f"has levels {levels!r:.80}, expected a list ({'one level' if scheme == 'exact' else '2 or more'})")
     previous = 0
     for number, level in enumerate(levels, 1):
         fidelity = level.get("fidelity") if isinstance(level, dict) else None
@@ -362,12 +362,19 @@ def _check_tensor_meta(name: str, meta: object, where: str) -> dict[str, tuple[l
         group, padded, block = meta["group_size"], meta["padded_features"], meta["block"]
         if (len(shape) < 2 or shape[0] < 1 or meta["in_features"] != math.prod(shape[1:])
                 or group < 2 or group % 2 or padded < meta["in_features"] or padded % group
-                or block < 1 or padded % block or meta["rank"] > min(shape[0], meta["in_features"])):
+                or block != (_largest_block(padded) if meta["rotated"] else 1)
+                or meta["rank"] > min(shape[0], meta["in_features"])):
             raise bad(f"has inconsistent code parameters (shape {shape}, in_features {meta['in_features']}, "
                       f"padded {padded}, group_size {group}, block {block}, rank {meta['rank']})")
     layout = _expected_fragment_layout(meta)
-    if set(fragments) - set(layout):
-        raise bad(f"lists fragments {sorted(set(fragments) - set(layout))} that a {scheme} tensor does not have")
+    if set(fragments) != set(layout):
+        raise bad(f"lists fragments {sorted(fragments)}, a {scheme} tensor has {sorted(layout)}")
+    # Each level below the top holds its fragments and those of the levels under it, no more.
+    for number, level in enumerate(levels[:-1], 1):
+        held = sum(_nbytes(frag_shape, _dtype_name(frag_dtype)) for frag, (frag_shape, frag_dtype) in layout.items()
+                   if fragments[frag]["level"] <= number and fragments[frag]["kind"] != "exact")
+        if held != level["bytes"]:
+            raise bad(f"says level {number} holds {level['bytes']} bytes, its fragments are {held} bytes")
     return {frag: (frag_shape, _dtype_name(frag_dtype)) for frag, (frag_shape, frag_dtype) in layout.items()}
 
 
