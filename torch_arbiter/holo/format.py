@@ -343,6 +343,8 @@ def _check_tensor_meta(name: str, meta: object, where: str) -> dict[str, tuple[l
         if not _is_count(size) or not previous <= size <= full:
             raise bad(f"level {number} has bytes {size!r}: levels must cost 0..full_bytes ({full}), sorted")
         previous = size
+        if not isinstance(level.get("label"), str):
+            raise bad(f"level {number} has label {level.get('label')!r:.40}, expected a string")
         if not isinstance(fidelity, dict) or not all(
                 isinstance(fidelity[key], (int, float)) and not isinstance(fidelity[key], bool)
                 and math.isfinite(fidelity[key]) and fidelity[key] >= 0
