@@ -409,7 +409,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         for component, module in components.items():
             prefix = f"{component}/" if kind == "diffusers" else ""  # the names `convert` gives
             swapped.extend(apply_holo_swap(
-                module, prefix=prefix, checkpoint=checkpoint, encode_options=dict(encode_options or {}),
+                module, prefix=prefix, checkpoint=checkpoint, encode_options=encode_options,
                 progress=progress, description=f"patching {component or type(obj).__name__}",
                 calibration=inputs))
         if not swapped:
