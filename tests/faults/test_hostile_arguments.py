@@ -54,7 +54,8 @@ def test_non_finite_weights_keep_one_exact_level(bad):
 
 @pytest.mark.parametrize("calibration", [
     torch.full((8, 96), float("nan")), torch.cat([torch.randn(7, 96), torch.full((1, 96), float("inf"))]),
-    torch.randint(0, 3, (8, 96)), "inputs", torch.randn(8, 95)])
+    torch.randint(0, 3, (8, 96)), "inputs", torch.randn(8, 95),
+    torch.full((8, 96), 1e20)])  # finite, but XᵀX overflows: the damping loop must end
 def test_bad_calibration_is_a_typed_error_and_never_hangs(calibration):
     outcome: list[BaseException | None] = []
 

@@ -108,3 +108,30 @@ def test_a_patched_conv_model_saves_its_original_weights():
         assert all(torch.equal(state[name], reference[name]) for name in reference)
     finally:
         managed.unpatch()
+
+
+@pytest.mark.slow
+def test_save_pretrained_of_a_patched_smollm2_reloads_as_the_original(smollm2, smollm2_holo_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from torch_arbiter import models
+
+    reference, tokenizer = smollm2
+    model, _ = models.load_smollm2()
+    managed = patch(model, register=False, holo_dir=smollm2_holo_dir, progress=False)
+    try:
+        managed.set_quality(managed.min_quality)
+        model.save_pretrained(tmp_path / "saved")
+    finally:
+        managed.unpatch()
+    del model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    expected = reference.state_dict()
+    state = reloaded.state_dict()
+    assert sorted(state) == sorted(expected) and len(state) == 272
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        want = reference.generate(**prompt, max_new_tokens=6, do_sample=False)
+        got = reloaded.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
