@@ -14,7 +14,7 @@ from torch import nn
 
 from torch_arbiter import Arbiter, ArbiterConfig, WorkloadType, patch
 from torch_arbiter.allocation import AllocationRequest
-from torch_arbiter.errors import ArbiterError, InvalidRequestError, PatchError
+from torch_arbiter.errors import ArbiterError, InvalidRequestError
 from torch_arbiter.holo import HoloTensor, plan_quality
 
 _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
