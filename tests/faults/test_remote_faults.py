@@ -212,3 +212,25 @@ def test_any_http_answer_to_the_index_request_is_a_typed_error_or_an_index(lying
         pass
     finally:
         server.close()
+
+
+def test_an_ipv6_loopback_server_is_reached():
+    import socket
+    import threading
+
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 404 Not Here\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with server, pytest.raises(CorruptFragmentError, match="HTTP 404"):
+        _remote(f"http://[::1]:{server.getsockname()[1]}/")
+    thread.join(timeout=5)

@@ -152,7 +152,9 @@ class RemoteTier(TierStore):
             raise _Refused("the deadline passed")
         connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         extra = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
-        connection = connection_type(parts.hostname, parts.port, timeout=remaining, **extra)
+        # An explicit port keeps http.client from parsing one out of an IPv6 literal.
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        connection = connection_type(parts.hostname, port, timeout=remaining, **extra)
         # The deadline: a timer shuts the socket down, which ends any blocked read at once.
         watchdog = threading.Timer(remaining, _abort, (connection,))
         watchdog.daemon = True
