@@ -128,7 +128,7 @@ def test_save_pretrained_of_a_patched_smollm2_reloads_as_the_original(smollm2, s
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
     expected = reference.state_dict()
     state = reloaded.state_dict()
-    assert sorted(state) == sorted(expected) and len(state) == 272
+    assert sorted(state) == sorted(expected)  # all 273 names (the tied head included)
     assert all(torch.equal(state[name], expected[name]) for name in expected)
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
