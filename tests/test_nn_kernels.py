@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -29,6 +29,7 @@ def test_kernels_match_the_torch_decode(out_blocks, in_features, group, rotate, 
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(8 * out_blocks, in_features, generator=gen) * torch.rand(1, in_features, generator=gen)
     holo = HoloTensor.encode(weight, group_size=group, rotate=rotate, symmetric=symmetric, rank=0, min_numel=1)
+    assume(holo.scheme != "exact")  # too narrow for its group: kept exact, no codes to run
     meta = holo.meta
     x = torch.randn(rows, in_features, generator=gen)
     for k in (1, 2):

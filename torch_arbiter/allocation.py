@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -90,15 +91,29 @@ class AllocationRequest:
         _check_quality("min_quality", floor)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0 and not math.isnan(timeout)):
             raise InvalidRequestError(f"timeout must be None or seconds >= 0, got {timeout!r}")
-        points = tuple((float(q), int(b)) for q, b in (curve or ()))
-        for q, b in points:
-            _check_quality("curve quality", q)
-            _check_bytes("curve bytes", b, allow_zero=True)
+        points = _check_curve(curve)
         if any(a[0] > b[0] or a[1] > b[1] for a, b in zip(points, points[1:])):
             raise InvalidRequestError("curve must be sorted by quality with non-decreasing bytes")
         if points and points[0][0] > floor:
             floor = points[0][0]
         return cls(kind, prio, int(nbytes), float(floor), timeout, bool(wait), name or kind.name, points, int(activation_bytes))
+
+
+def _check_curve(curve: object) -> tuple[tuple[float, int], ...]:
+    """The ``(quality, bytes)`` points of ``curve``, each checked before it is converted."""
+    if curve is None:
+        return ()
+    if isinstance(curve, (str, bytes)) or not isinstance(curve, Sequence):
+        raise InvalidRequestError(f"curve must be a sequence of (quality, bytes) pairs, got {type(curve).__name__}")
+    points = []
+    for point in curve:
+        if isinstance(point, (str, bytes)) or not isinstance(point, Sequence) or len(point) != 2:
+            raise InvalidRequestError(f"each curve point must be a (quality, bytes) pair, got {point!r}")
+        q, b = point
+        _check_quality("curve quality", q)
+        _check_bytes("curve bytes", b, allow_zero=True)
+        points.append((float(q), int(b)))
+    return tuple(points)
 
 
 def _check_bytes(what: str, value: object, *, allow_zero: bool) -> None:
@@ -117,7 +132,7 @@ def _check_bytes(what: str, value: object, *, allow_zero: bool) -> None:
 
 
 def _check_quality(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= value <= 1.0):
         raise InvalidRequestError(f"{what} must be a number in [0, 1], got {value!r}")
 
 

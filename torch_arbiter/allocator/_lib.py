@@ -127,6 +127,7 @@ _SIGNATURES = {
     ),
     "torch_arbiter_ledger_reap": (_i64, [_i32]),
     "torch_arbiter_ledger_remove": (_i32, [_i32, _u64]),
+    "torch_arbiter_ledger_reclaim": (_i64, [_i32, _u64]),
     "torch_arbiter_exercise": (
         _i32,
         [_i32, _i32, _u64, ctypes.c_uint32, _u64, _u64, _u64, ctypes.POINTER(ExerciseResult)],

@@ -108,6 +108,9 @@ int torch_arbiter_ledger_process_bytes(int device, uint64_t key, int32_t *pids, 
                                        int max_entries);
 int64_t torch_arbiter_ledger_reap(int device);
 int torch_arbiter_ledger_remove(int device, uint64_t key);
+/* Return to `key`'s slot the bytes no live process accounts for (leaked by a process killed
+ * between the two stores of a charge or uncharge); bytes reclaimed or a negative errno. */
+int64_t torch_arbiter_ledger_reclaim(int device, uint64_t key);
 
 int torch_arbiter_exercise(int flags, int device, uint64_t iterations, uint32_t ring,
                            uint64_t min_size, uint64_t max_size, uint64_t seed,

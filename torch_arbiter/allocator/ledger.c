@@ -8,14 +8,29 @@
  * Rare operations (creating a slot, registering a process, reaping) take one robust,
  * process-shared mutex, which survives the death of a holder.
  *
- * Known window: a process killed between the CAS on `used` and the add to its own entry leaks
- * that one allocation's bytes in `used` (the safe direction: limits get stricter, never looser).
+ * Known window: a process killed between the CAS on `used` and the add to its own entry (in an
+ * allocation), or between the subtraction from its own entry and the one from `used` (in a
+ * free), leaks exactly that one allocation's bytes in `used` (the safe direction: limits get
+ * stricter, never looser). The two stores are a few instructions apart, so it takes a SIGKILL
+ * landing there; torch_arbiter_ledger_reclaim() returns such bytes (those no live process
+ * accounts for) once the workload is quiet.
+ *
+ * A segment is shared with every process of the user, so nothing in it is trusted to be sane:
+ * the lock is taken with a timeout and a dead owner's lock is recovered even when the kernel did
+ * not mark it (a mutex word naming a thread that no longer exists); a segment truncated under
+ * this process turns the next touch of a missing page into private zero pages (a SIGBUS handler
+ * that only handles addresses inside a ledger mapping) and the ledger is then refused with an
+ * error; a segment that was replaced (unlinked and recreated) or truncated is also noticed by
+ * fstat/stat on the rare paths; and a segment that failed its checks once fails again at once
+ * (no second wait) until it is replaced.
  */
 #define _GNU_SOURCE
 #include "ledger.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -24,6 +39,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -40,6 +56,9 @@
 #define NAME_MAX_LEN 160
 #define ATTACH_WAIT_NS 2000000000LL
 #define REAP_INTERVAL_NS 50000000LL
+#define LOCK_SLICE_NS 50000000LL
+#define LOCK_WAIT_NS 5000000000LL
+#define RECLAIM_SETTLE_NS 50000000LL
 
 typedef struct {
     _Atomic uint32_t state;
@@ -84,9 +103,23 @@ struct ta_ledger {
     ledger_shm *shm;
     _Atomic int proc; /* this process's entry, -1 until registered (read without the lock) */
     int device;
+    int fd;           /* kept open: fstat tells a truncated segment, its inode a replaced one */
+    dev_t st_dev;
+    ino_t st_ino;
+    _Atomic int broken; /* the segment was truncated or replaced: refuse, until detach */
     _Atomic int64_t last_reap_ns;
     char name[NAME_MAX_LEN];
 };
+
+/* A segment that failed its checks: the next attach fails at once while it is the same file. */
+typedef struct {
+    dev_t st_dev;
+    ino_t st_ino;
+    int valid;
+    char error[320];
+} bad_segment;
+
+static bad_segment g_bad[TA_MAX_DEVICES];
 
 static _Atomic(ta_ledger *) g_ledgers[TA_MAX_DEVICES];
 static pthread_mutex_t g_attach_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -139,16 +172,130 @@ static int process_dead(pid_t pid, uint64_t start_time) {
     return start_time != 0 && start != start_time;
 }
 
+#ifdef __GLIBC__
+/* glibc keeps the futex word (owner tid | FUTEX_WAITERS | FUTEX_OWNER_DIED) as the first int of a
+ * pthread_mutex_t; a robust lock whose word has FUTEX_OWNER_DIED set is acquired with EOWNERDEAD. */
+static int thread_gone(pid_t tid) { return kill(tid, 0) == -1 && errno == ESRCH; }
+
+/* The lock names a thread that no longer exists and the kernel did not mark it (a segment
+ * copied or written by hand, a holder outside this pid namespace's robust-list handling): mark
+ * it owner-died as the kernel would, and wake the waiters. Returns 1 when the word changed. */
+static int recover_dead_owner(ledger_shm *shm) {
+    _Atomic int *word = (_Atomic int *)(void *)&shm->lock;
+    int value = atomic_load(word);
+    pid_t tid = value & FUTEX_TID_MASK;
+    if (tid == 0 || (value & FUTEX_OWNER_DIED) || !thread_gone(tid)) return 0;
+    int dead = (value & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+    if (atomic_compare_exchange_strong(word, &value, dead))
+        syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    return 1;
+}
+#else
+static int recover_dead_owner(ledger_shm *shm) {
+    (void)shm;
+    return 0;
+}
+#endif
+
+/* Take the segment's lock within LOCK_WAIT_NS, recovering it from a dead holder; 0 or an errno
+ * with the error text set. */
 static int shm_lock(ledger_shm *shm) {
-    int rc = pthread_mutex_lock(&shm->lock);
-    if (rc == EOWNERDEAD) {
-        /* The holder died inside a critical section; every multi-step change below publishes
-         * its last store with release order, so the state is consistent enough to continue. */
-        pthread_mutex_consistent(&shm->lock);
-        rc = 0;
+    int64_t deadline = now_ns() + LOCK_WAIT_NS;
+    for (;;) {
+        /* timedlock (CLOCK_REALTIME) rather than clocklock, which ThreadSanitizer does not know;
+         * a clock jump only changes one slice's length: the deadline is monotonic. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += LOCK_SLICE_NS;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
+        int rc = pthread_mutex_timedlock(&shm->lock, &until);
+        if (rc == EOWNERDEAD) {
+            /* The holder died inside a critical section; every multi-step change below publishes
+             * its last store with release order, so the state is consistent enough to continue. */
+            pthread_mutex_consistent(&shm->lock);
+            return 0;
+        }
+        if (rc == 0) return 0;
+        if (rc != ETIMEDOUT) {
+            ta_set_error("ledger lock failed: %s (the segment is damaged: remove it from /dev/shm when "
+                         "no process uses it)", strerror(rc));
+            return rc;
+        }
+        if (recover_dead_owner(shm)) continue;
+        if (now_ns() > deadline) {
+            ta_set_error("ledger lock held for over %lld s by thread %d, which is alive (a stopped or "
+                         "hung process?): resume or end it, and retry",
+                         LOCK_WAIT_NS / 1000000000LL, *(int *)(void *)&shm->lock & FUTEX_TID_MASK);
+            return ETIMEDOUT;
+        }
     }
-    if (rc != 0) ta_set_error("ledger lock failed: %s", strerror(rc));
-    return rc;
+}
+
+/* ---- a segment truncated under us: SIGBUS on a missing page becomes private zero pages ---- */
+
+static struct sigaction g_previous_sigbus;
+static _Atomic int g_sigbus_installed;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    uintptr_t address = (uintptr_t)info->si_addr;
+    for (int d = 0; d < TA_MAX_DEVICES; d++) {
+        ta_ledger *ledger = atomic_load_explicit(&g_ledgers[d], memory_order_acquire);
+        if (!ledger) continue;
+        uintptr_t start = (uintptr_t)ledger->shm;
+        if (address < start || address >= start + sizeof(ledger_shm)) continue;
+        /* The faulting access completes on zeros; nothing written there reaches other processes,
+         * and the ledger is refused from now on (ta_ledger_get). */
+        mmap(ledger->shm, sizeof(ledger_shm), PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        atomic_store(&ledger->broken, 1);
+        return;
+    }
+    if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
+        if (g_previous_sigbus.sa_sigaction) {
+            g_previous_sigbus.sa_sigaction(sig, info, context);
+            return;
+        }
+    } else if (g_previous_sigbus.sa_handler == SIG_IGN) {
+        return;
+    } else if (g_previous_sigbus.sa_handler != SIG_DFL) {
+        g_previous_sigbus.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL); /* not ours: the re-executed access dies as it would have */
+}
+
+static void install_sigbus_guard(void) {
+    if (atomic_exchange(&g_sigbus_installed, 1)) return;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, &g_previous_sigbus);
+}
+
+/* Whether the segment is still whole and still the one under its name; marks it broken if not
+ * (called on the rare paths: slot creation, reaping, attach). */
+static int segment_intact(ta_ledger *ledger) {
+    if (atomic_load_explicit(&ledger->broken, memory_order_acquire)) return 0;
+    struct stat own, named;
+    char path[NAME_MAX_LEN + 16];
+    snprintf(path, sizeof path, "/dev/shm%s", ledger->name);
+    int whole = fstat(ledger->fd, &own) == 0 && (size_t)own.st_size >= sizeof(ledger_shm);
+    int same = stat(path, &named) == 0 && named.st_dev == ledger->st_dev && named.st_ino == ledger->st_ino;
+    if (whole && same) return 1;
+    atomic_store(&ledger->broken, 1);
+    return 0;
+}
+
+static void set_broken_error(ta_ledger *ledger) {
+    ta_set_error("ledger segment %s was truncated or replaced under this process: its budgets are "
+                 "refused here; free this process's allocations and call detach_ledgers() to attach "
+                 "the current segment (or restart the process)",
+                 ledger->name);
 }
 
 static void ensure_prefix(void) {
@@ -210,7 +357,12 @@ static int segment_ready(void *arg) {
     return atomic_load_explicit(&((ledger_shm *)arg)->ready, memory_order_acquire) == 1;
 }
 
-static ledger_shm *map_segment(const char *name) {
+static int same_file(const bad_segment *bad, const struct stat *st) {
+    return bad->valid && bad->st_dev == st->st_dev && bad->st_ino == st->st_ino;
+}
+
+/* Map the segment `name` of `device` into `ledger` (shm, fd, identity); 0 or -1 + error. */
+static int map_segment(ta_ledger *ledger, const char *name, int device) {
     int created = 1;
     int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 && errno == EEXIST) {
@@ -220,7 +372,7 @@ static ledger_shm *map_segment(const char *name) {
     if (fd < 0) {
         ta_set_error("cannot open ledger segment %s: %s (is /dev/shm mounted and writable?)", name,
                      strerror(errno));
-        return NULL;
+        return -1;
     }
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_uid != geteuid() || (st.st_mode & 0077) != 0) {
@@ -228,7 +380,13 @@ static ledger_shm *map_segment(const char *name) {
                      "remove /dev/shm%s and retry",
                      name, (unsigned)st.st_uid, (unsigned)(st.st_mode & 0777), name);
         close(fd);
-        return NULL;
+        return -1;
+    }
+    bad_segment *bad = &g_bad[device];
+    if (!created && same_file(bad, &st)) { /* failed before: no second wait */
+        ta_set_error("%s", bad->error);
+        close(fd);
+        return -1;
     }
     /* Reserve every page now: touching a page of a sparse segment on a full /dev/shm would kill
      * the process with SIGBUS in the middle of an allocation. */
@@ -239,33 +397,45 @@ static ledger_shm *map_segment(const char *name) {
                      sizeof(ledger_shm), name, strerror(rc));
         close(fd);
         shm_unlink(name);
-        return NULL;
+        return -1;
     }
+    const char *problem = NULL;
+    void *mem = MAP_FAILED;
     if (!created && !wait_until(fd_sized, &fd)) {
-        ta_set_error("ledger segment %s is too small (created by an older version, or its creator "
-                     "died): remove /dev/shm%s and retry",
-                     name, name);
+        problem = "is too small (created by an older version, truncated, or its creator died)";
+    } else {
+        mem = mmap(NULL, sizeof(ledger_shm), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (mem == MAP_FAILED) {
+            ta_set_error("cannot map ledger segment %s: %s", name, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        ledger_shm *shm = mem;
+        if (created) {
+            init_segment(shm);
+        } else if (!wait_until(segment_ready, shm) || shm->magic != LEDGER_MAGIC ||
+                   shm->layout != LEDGER_LAYOUT || shm->total_size != sizeof(ledger_shm)) {
+            problem = "has another layout or was never initialised";
+        }
+    }
+    if (problem) {
+        snprintf(bad->error, sizeof bad->error,
+                 "ledger segment %s %s: remove /dev/shm%s when no process uses it, and retry", name,
+                 problem, name);
+        bad->st_dev = st.st_dev;
+        bad->st_ino = st.st_ino;
+        bad->valid = 1;
+        ta_set_error("%s", bad->error);
+        if (mem != MAP_FAILED) munmap(mem, sizeof(ledger_shm));
         close(fd);
-        return NULL;
+        return -1;
     }
-    void *mem = mmap(NULL, sizeof(ledger_shm), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (mem == MAP_FAILED) {
-        ta_set_error("cannot map ledger segment %s: %s", name, strerror(errno));
-        return NULL;
-    }
-    ledger_shm *shm = mem;
-    if (created) {
-        init_segment(shm);
-    } else if (!wait_until(segment_ready, shm) || shm->magic != LEDGER_MAGIC ||
-               shm->layout != LEDGER_LAYOUT || shm->total_size != sizeof(ledger_shm)) {
-        ta_set_error("ledger segment %s has another layout or was never initialised: remove "
-                     "/dev/shm%s when no process uses it, and retry",
-                     name, name);
-        munmap(mem, sizeof(ledger_shm));
-        return NULL;
-    }
-    return shm;
+    ledger->shm = mem;
+    ledger->fd = fd;
+    ledger->st_dev = st.st_dev;
+    ledger->st_ino = st.st_ino;
+    install_sigbus_guard();
+    return 0;
 }
 
 /* Return every byte a dead process's entry holds; caller holds the shm lock. */
@@ -344,9 +514,18 @@ ta_ledger *ta_ledger_get(int device) {
         return NULL;
     }
     ta_ledger *ledger = atomic_load_explicit(&g_ledgers[device], memory_order_acquire);
-    if (ledger && atomic_load_explicit(&ledger->proc, memory_order_acquire) >= 0) return ledger;
+    if (ledger && atomic_load_explicit(&ledger->proc, memory_order_acquire) >= 0) {
+        if (!atomic_load_explicit(&ledger->broken, memory_order_relaxed)) return ledger;
+        set_broken_error(ledger);
+        return NULL;
+    }
     pthread_mutex_lock(&g_attach_lock);
     ledger = atomic_load(&g_ledgers[device]);
+    if (ledger && !segment_intact(ledger)) {
+        set_broken_error(ledger);
+        pthread_mutex_unlock(&g_attach_lock);
+        return NULL;
+    }
     if (!ledger) {
         ledger = calloc(1, sizeof *ledger);
         if (!ledger) {
@@ -357,8 +536,7 @@ ta_ledger *ta_ledger_get(int device) {
         ledger->device = device;
         atomic_store(&ledger->proc, -1);
         segment_name(device, ledger->name, sizeof ledger->name);
-        ledger->shm = map_segment(ledger->name);
-        if (!ledger->shm) {
+        if (map_segment(ledger, ledger->name, device) != 0) {
             free(ledger);
             pthread_mutex_unlock(&g_attach_lock);
             return NULL;
@@ -387,6 +565,10 @@ int ta_ledger_slot(ta_ledger *ledger, uint64_t key, int create) {
         if (s < 0) ta_set_error("workload %llu has no slot in ledger %s", (unsigned long long)key,
                                 ledger->name);
         return s;
+    }
+    if (!segment_intact(ledger)) {
+        set_broken_error(ledger);
+        return -1;
     }
     if (shm_lock(shm) != 0) return -1;
     s = find_slot(shm, key);
@@ -472,6 +654,10 @@ int64_t ta_ledger_reap(ta_ledger *ledger, int rate_limited) {
     } else {
         atomic_store(&ledger->last_reap_ns, now);
     }
+    if (!segment_intact(ledger)) {
+        set_broken_error(ledger);
+        return -1;
+    }
     if (shm_lock(ledger->shm) != 0) return -1;
     uint64_t total = reap_locked(ledger->shm);
     pthread_mutex_unlock(&ledger->shm->lock);
@@ -487,11 +673,12 @@ int ta_ledger_detach_all(void) {
         ta_ledger *ledger = atomic_exchange(&g_ledgers[d], NULL);
         if (!ledger) continue;
         int proc = atomic_load(&ledger->proc);
-        if (proc >= 0 && shm_lock(ledger->shm) == 0) {
+        if (proc >= 0 && segment_intact(ledger) && shm_lock(ledger->shm) == 0) {
             reap_entry(ledger->shm, &ledger->shm->procs[proc]);
             pthread_mutex_unlock(&ledger->shm->lock);
         }
         munmap(ledger->shm, sizeof(ledger_shm));
+        close(ledger->fd);
         free(ledger);
     }
     pthread_mutex_unlock(&g_attach_lock);
@@ -500,6 +687,7 @@ int ta_ledger_detach_all(void) {
 
 void ta_ledger_after_fork_child(void) {
     pthread_mutex_init(&g_attach_lock, NULL);
+    memset(g_bad, 0, sizeof g_bad);
     atomic_fetch_add(&g_generation, 1);
     for (int d = 0; d < TA_MAX_DEVICES; d++) {
         ta_ledger *ledger = atomic_load(&g_ledgers[d]);
@@ -639,4 +827,36 @@ int torch_arbiter_ledger_remove(int device, uint64_t key) {
     pthread_mutex_unlock(&shm->lock);
     if (rc == -ENOENT) ta_set_error("workload %llu is not in the ledger", (unsigned long long)key);
     return rc;
+}
+
+static uint64_t accounted_bytes(ledger_shm *shm, int s) {
+    uint64_t total = 0;
+    for (int p = 0; p < TA_LEDGER_PROCS; p++)
+        if (atomic_load_explicit(&shm->procs[p].pid, memory_order_acquire) != PROC_FREE)
+            total += atomic_load_explicit(&shm->procs[p].bytes[s], memory_order_acquire);
+    return total;
+}
+
+int64_t torch_arbiter_ledger_reclaim(int device, uint64_t key) {
+    ta_ledger *ledger = ta_ledger_get(device);
+    if (!ledger) return -EIO;
+    if (ta_ledger_reap(ledger, 0) < 0) return -EIO;
+    ledger_shm *shm = ledger->shm;
+    int s = find_slot(shm, key);
+    if (s < 0) {
+        ta_set_error("workload %llu is not in the ledger", (unsigned long long)key);
+        return -ENOENT;
+    }
+    ledger_slot *slot = &shm->slots[s];
+    /* A live charge sits between its two stores for a few instructions: only bytes that stay
+     * unaccounted, with `used` unchanged, across a settle time are leaked. */
+    uint64_t used = atomic_load(&slot->used), accounted = accounted_bytes(shm, s);
+    struct timespec pause = {0, RECLAIM_SETTLE_NS};
+    nanosleep(&pause, NULL);
+    if (atomic_load(&slot->used) != used || accounted_bytes(shm, s) != accounted || used <= accounted)
+        return 0;
+    uint64_t leaked = used - accounted;
+    if (!atomic_compare_exchange_strong(&slot->used, &used, used - leaked)) return 0;
+    atomic_fetch_add(&shm->reaped_bytes, leaked);
+    return (int64_t)leaked;
 }

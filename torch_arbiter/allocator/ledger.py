@@ -42,6 +42,7 @@ DEFAULT_WORKLOAD = 0
 _BACKENDS = {"host": 0, "cuda": 1, "cuda_async": 2}
 _MAX_KEY = (1 << 64) - 1
 _MAX_PROCESSES = 256
+_MAX_BLOCK = (1 << 63) - 1
 _REFUSAL_REASONS = {1: "limit", 2: "backend", 3: "ledger", 4: "invalid"}
 
 
@@ -214,6 +215,26 @@ class Ledger:
         """
         return check(self._lib.torch_arbiter_ledger_reap(self.device), "reaping the ledger")
 
+    def reclaim(self, key: int) -> int:
+        """Return to workload ``key`` the bytes charged to it that no live process accounts for.
+
+        A process SIGKILLed inside an allocation or a free, between the two stores that charge
+        the workload and its own entry (a few instructions apart), leaves exactly that one
+        allocation's size charged to the workload forever: limits get stricter, never looser,
+        and the reaper cannot see those bytes. This returns them. It first reaps dead processes,
+        then returns only what stays unaccounted, with the workload's use unchanged, across 50 ms;
+        call it when the workload is quiet (e.g. after its processes ended), since an allocation
+        running at that instant is indistinguishable from a leak for a few nanoseconds.
+
+        Returns:
+            The bytes returned (0 when nothing leaked).
+
+        Raises:
+            AllocatorError: the workload is unknown or the ledger cannot be attached.
+        """
+        _check_key(key)
+        return check(self._lib.torch_arbiter_ledger_reclaim(self.device, key), f"reclaiming workload {key}")
+
     def remove(self, key: int) -> None:
         """Free a workload's slot. Only when nothing is charged to it.
 
@@ -353,13 +374,15 @@ class HostBlock:
         device: the ledger (device index) to charge.
 
     Raises:
+        InvalidRequestError: ``nbytes`` is not an int in ``1..2**63-1`` (never wrapped by ctypes).
         torch.OutOfMemoryError: the workload's limit refused it (as PyTorch does on CUDA).
         AllocatorError: the library is not on the host backend.
     """
 
     def __init__(self, nbytes: int, device: int = 0) -> None:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            raise InvalidRequestError(f"nbytes must be a positive int, got {nbytes!r}")
+        self.ptr = None
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= _MAX_BLOCK:
+            raise InvalidRequestError(f"nbytes must be an int in 1..2**63-1 (the allocator's ssize_t), got {nbytes!r}")
         if backend() != "host":
             raise AllocatorError("HostBlock needs the host backend: call set_backend('host') first")
         self._lib = library()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequestError
+from ..holo.format import MAX_FRAGMENT_BYTES, MAX_INDEX_BYTES
 
 __all__ = ["CacheTier", "CacheConfig", "CacheStats"]
 
@@ -48,7 +49,16 @@ class CacheConfig:
             there by an earlier cache are served again.
         remote_url: base URL of a holo checkpoint served over HTTP (``holo_index.json`` and the
             safetensors files under it, with Range support); ``None`` for no REMOTE tier.
-        remote_timeout: seconds each HTTP request may take before it fails.
+        remote_timeout: seconds each HTTP request may take in all (connect, headers and the
+            whole body) before it fails: a deadline, however slowly the server sends.
+        allow_insecure: allow a plain ``http://`` ``remote_url`` (or redirect) to a host other
+            than loopback; refused by default (anyone on the path sees what is fetched; the
+            checksums still refuse altered bytes).
+        allow_cross_host_redirects: follow a server's redirect to another host (e.g. a CDN);
+            refused by default. Same-host redirects are followed (at most 5).
+        max_index_bytes: largest ``holo_index.json`` read from ``holo_dir`` or ``remote_url``
+            (default 64 MiB); raise it for a checkpoint whose index is really larger.
+        max_fragment_bytes: largest single fragment an index may describe (default 16 GiB).
         stage_remote_on_disk: keep a DISK spill copy of every fragment fetched from REMOTE, so
             raising quality again reads NVMe rather than the network (best effort: skipped when
             the spill is full).
@@ -64,6 +74,10 @@ class CacheConfig:
     spill_dir: str | Path | None = None
     remote_url: str | None = None
     remote_timeout: float = 30.0
+    allow_insecure: bool = False
+    allow_cross_host_redirects: bool = False
+    max_index_bytes: int = MAX_INDEX_BYTES
+    max_fragment_bytes: int = MAX_FRAGMENT_BYTES
     stage_remote_on_disk: bool = True
     pin_host_memory: bool | None = None
 
@@ -77,9 +91,10 @@ class CacheConfig:
                 raise InvalidRequestError(
                     f"CacheConfig.device {self.device!r} is not a torch device: {exc}; pass e.g. 'cpu' or 'cuda:0'"
                 ) from None
-        for name in ("device_capacity_bytes", "host_capacity_bytes", "disk_capacity_bytes"):
+        for name in ("device_capacity_bytes", "host_capacity_bytes", "disk_capacity_bytes",
+                     "max_index_bytes", "max_fragment_bytes"):
             value = getattr(self, name)
-            if value is None:
+            if value is None and name.endswith("capacity_bytes"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidRequestError(
@@ -87,10 +102,13 @@ class CacheConfig:
                 )
         if not isinstance(self.remote_timeout, (int, float)) or math.isnan(self.remote_timeout) or self.remote_timeout <= 0:
             raise InvalidRequestError(f"CacheConfig.remote_timeout must be a positive number of seconds, got {self.remote_timeout!r}")
-        if self.remote_url is not None and not str(self.remote_url).startswith(("http://", "https://")):
-            raise InvalidRequestError(
-                f"CacheConfig.remote_url must be an http:// or https:// URL, got {self.remote_url!r}"
-            )
+        for name in ("allow_insecure", "allow_cross_host_redirects"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"CacheConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.remote_url is not None:
+            from .remote import check_remote_url
+
+            check_remote_url(self.remote_url, allow_insecure=self.allow_insecure)
         if self.pin_host_memory is None:
             self.pin_host_memory = self.device.type == "cuda"
 

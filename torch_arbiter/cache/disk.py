@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CorruptFragmentError
-from ..holo.format import HoloCheckpoint
+from ..holo.format import MAX_FRAGMENT_BYTES, MAX_INDEX_BYTES, HoloCheckpoint
 from .base import TierStore, tensor_nbytes
 from .config import CacheTier
 
@@ -46,6 +46,7 @@ class DiskTier(TierStore):
             directory that ``close()`` removes. An existing directory is kept and the fragments
             already in it (from an earlier cache) are served again.
         holo_dir: a holo checkpoint directory served read-only, or ``None``.
+        max_index_bytes, max_fragment_bytes: the checkpoint's caps (see ``HoloCheckpoint.open``).
 
     Limits: spill file names are the sha256 of the key, so any string key works; a spill file
     whose checksum fails is reported (``CorruptFragmentError``), never silently deleted.
@@ -53,9 +54,12 @@ class DiskTier(TierStore):
 
     tier = CacheTier.DISK
 
-    def __init__(self, spill_dir: str | os.PathLike | None = None, holo_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, spill_dir: str | os.PathLike | None = None, holo_dir: str | os.PathLike | None = None,
+                 *, max_index_bytes: int = MAX_INDEX_BYTES, max_fragment_bytes: int = MAX_FRAGMENT_BYTES) -> None:
         # open the checkpoint first: if it is invalid, no temporary directory is left behind
-        self.checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
+        self.checkpoint = (HoloCheckpoint.open(holo_dir, max_index_bytes=max_index_bytes,
+                                               max_fragment_bytes=max_fragment_bytes)
+                           if holo_dir is not None else None)
         self._owns_spill_dir = spill_dir is None
         self.spill_dir = Path(tempfile.mkdtemp(prefix="torch-arbiter-spill-")) if spill_dir is None else Path(spill_dir)
         self.spill_dir.mkdir(parents=True, exist_ok=True)

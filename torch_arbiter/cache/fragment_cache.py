@@ -65,14 +65,20 @@ class FragmentCache:
         self._lock = threading.RLock()
         # the network is the likeliest failure: reach it before creating a private spill directory
         remote = (
-            RemoteTier(self.config.remote_url, timeout=self.config.remote_timeout)
+            RemoteTier(self.config.remote_url, timeout=self.config.remote_timeout,
+                       allow_insecure=self.config.allow_insecure,
+                       allow_cross_host_redirects=self.config.allow_cross_host_redirects,
+                       max_index_bytes=self.config.max_index_bytes,
+                       max_fragment_bytes=self.config.max_fragment_bytes)
             if self.config.remote_url is not None
             else None
         )
         self._stores: dict[CacheTier, TierStore] = {
             CacheTier.DEVICE: DeviceTier(self.config.device),
             CacheTier.HOST: HostTier(pin=bool(self.config.pin_host_memory)),
-            CacheTier.DISK: DiskTier(self.config.spill_dir, self.config.holo_dir),
+            CacheTier.DISK: DiskTier(self.config.spill_dir, self.config.holo_dir,
+                                     max_index_bytes=self.config.max_index_bytes,
+                                     max_fragment_bytes=self.config.max_fragment_bytes),
         }
         if remote is not None:
             self._stores[CacheTier.REMOTE] = remote

@@ -390,20 +390,30 @@ class HoloTensor:
         Returns:
             A :class:`HoloTensor` whose fragments are on the CPU.
 
+            Tensors that cannot be quantised usefully keep one exact level only: 1-D, smaller than
+            ``min_numel``, non-float, with a NaN or inf (a quantised level of such a tensor is
+            meaningless; the exact level reproduces it bit for bit), or too narrow for a group
+            (when the int8 level would cost as many bytes as the original, e.g. ``Linear(2, 4096)``).
+            So no level ever costs more than the exact one, and a model's curve is sorted.
+
         Raises:
-            InvalidRequestError: bad ``group_size``/``rank``, or calibration of the wrong width.
+            InvalidRequestError: bad ``group_size``/``rank``/``rotate``/``symmetric``/``seed``/
+                ``min_numel``, or calibration that is not a finite float tensor of the layer's width.
         """
         if not isinstance(tensor, torch.Tensor):
             raise InvalidRequestError(f"HoloTensor.encode needs a torch.Tensor, got {type(tensor).__name__}")
         if group_size != "auto" and (not isinstance(group_size, int) or isinstance(group_size, bool)
                                      or group_size < 2 or group_size % 2):
             raise InvalidRequestError(f"group_size must be 'auto' or an even int >= 2, got {group_size!r}")
-        if not (rank == "auto" or (isinstance(rank, int) and rank >= 0)):
+        if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0)):
             raise InvalidRequestError(f"rank must be 'auto' or an int >= 0, got {rank!r}")
         if rotate not in ("auto", True, False):
             raise InvalidRequestError(f"rotate must be 'auto', True or False, got {rotate!r}")
         if symmetric not in ("auto", True, False):
             raise InvalidRequestError(f"symmetric must be 'auto', True or False, got {symmetric!r}")
+        for name, value in (("seed", seed), ("min_numel", min_numel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
         original = tensor.detach()
         meta = {
             "shape": list(original.shape),
@@ -412,16 +422,18 @@ class HoloTensor:
         }
         # The exact level shares the caller's CPU storage (no second copy of every weight); the
         # Holo modules replace the layer that owned it, so nothing else writes to it.
+        if calibration is not None:
+            _check_calibration(calibration)
         exact = original.to("cpu").contiguous()
         if (original.dim() < 2 or original.numel() < min_numel or not original.is_floating_point()
-                or original.shape[0] < 2):
-            meta.update(scheme="exact", fragments={"exact": {"level": 1, "kind": KIND_EXACT}},
-                        levels=[{"label": "exact", "bytes": meta["full_bytes"],
-                                 "fidelity": {"rel_error": 0.0, **({"out_rel_error": 0.0}
-                                                                  if calibration is not None else {})}}])
-            return cls(meta, {"exact": exact})
-        return cls(*_encode_nested(original, exact, meta, group_size, rank, rotate, symmetric, seed,
-                                    calibration))
+                or original.shape[0] < 2 or not bool(torch.isfinite(original).all())):
+            return cls(*_exact_only(meta, exact, calibration is not None))
+        nested = cls(*_encode_nested(original, exact, meta, group_size, rank, rotate, symmetric, seed,
+                                      calibration))
+        if nested.level_bytes(nested.num_levels - 1) >= nested.full_bytes:
+            # Too narrow for its groups (e.g. Linear(2, 4096)): quantising costs more than exact.
+            return cls(*_exact_only(dict(meta), exact, calibration is not None))
+        return nested
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -438,14 +450,14 @@ class HoloTensor:
             A new tensor of the original shape (the top level is a copy of the original).
 
         Raises:
-            InvalidRequestError: ``k`` out of range (level 0 has no weight to decode).
+            InvalidRequestError: ``k`` out of range (level 0 has no weight to decode), ``dtype``
+                not a floating torch dtype, or ``device`` not a device torch knows.
             FormatError: a fragment that level needs is missing.
         """
         self._check_level(k)
         if k == 0:
             raise InvalidRequestError("level 0 holds nothing to decode; decode a level >= 1")
-        dtype = dtype or self.dtype
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype, device = _check_decode_target(dtype, device, self.dtype)
         if k == self.num_levels:
             return self.fragment("exact").to(device=device, dtype=dtype, copy=True)
         frags = {name: self.fragment(name).to(device) for name in self.level_fragments(k)}
@@ -647,6 +659,7 @@ def _encode_nested(original: torch.Tensor, exact: torch.Tensor, meta: dict, grou
 
 _GPTQ_BLOCK = 128
 _GPTQ_DAMP = 0.01
+_GPTQ_MAX_DAMPINGS = 16
 
 
 def kernel_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -798,7 +811,9 @@ def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
 
     Real activations have outlier channels that leave ``XᵀX`` badly conditioned, so the damping
     ``λ`` starts at :data:`_GPTQ_DAMP` x the mean diagonal and grows tenfold until both
-    factorisations succeed; unused input columns (zero diagonal) get a unit diagonal.
+    factorisations succeed (at most :data:`_GPTQ_MAX_DAMPINGS` tries, then a typed error: a
+    Hessian with inf entries never factorises); unused input columns (zero diagonal) get a unit
+    diagonal.
     """
     hessian = hessian.double()
     dead = hessian.diagonal() <= 0
@@ -806,7 +821,7 @@ def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
     mean = hessian.diagonal().mean()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = _GPTQ_DAMP
-    while True:
+    for _ in range(_GPTQ_MAX_DAMPINGS):
         damped = hessian + eye * (damp * mean)
         if not torch.linalg.cholesky_ex(damped).info:
             # inv of an SPD matrix measured ~10x faster than cholesky_inverse here.
@@ -814,6 +829,9 @@ def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
             if not info:
                 return upper.float()
         damp *= 10
+    raise InvalidRequestError(
+        f"the calibration inputs' XᵀX cannot be factorised even damped by {damp / 10:g}x its mean "
+        "diagonal (overflowing or degenerate activations); pass other calibration inputs or none")
 
 
 def _quantize_groups(rotated: torch.Tensor, group_size: int, symmetric: bool,
@@ -901,6 +919,43 @@ def _low_rank(weight: torch.Tensor, rank: int, seed: int):
     left = (u[:, :rank] * root).to(torch.float16)
     right = (v[:, :rank] * root).t().to(torch.float16).contiguous()
     return left, right
+
+
+def _exact_only(meta: dict, exact: torch.Tensor, calibrated: bool) -> tuple[dict, dict]:
+    """(meta, fragments) of a tensor kept as one exact level."""
+    meta = {key: meta[key] for key in ("shape", "dtype", "full_bytes")}
+    meta.update(scheme="exact", fragments={"exact": {"level": 1, "kind": KIND_EXACT}},
+                levels=[{"label": "exact", "bytes": meta["full_bytes"],
+                         "fidelity": {"rel_error": 0.0, **({"out_rel_error": 0.0} if calibrated else {})}}])
+    return meta, {"exact": exact}
+
+
+def _check_calibration(calibration: object) -> None:
+    if not isinstance(calibration, torch.Tensor) or not calibration.is_floating_point() or calibration.dim() < 1:
+        raise InvalidRequestError(
+            f"calibration must be a float tensor [..., in_features] of the layer's inputs, got "
+            f"{type(calibration).__name__}{'' if not isinstance(calibration, torch.Tensor) else ' ' + str(calibration.dtype)}")
+    if not bool(torch.isfinite(calibration).all()):
+        raise InvalidRequestError(
+            "calibration inputs contain NaN or inf; run the calibration in a dtype that does not "
+            "overflow (e.g. fp32), drop the bad rows, or patch without calibration")
+
+
+def _check_decode_target(dtype: object, device: object, default: torch.dtype) -> tuple[torch.dtype, torch.device]:
+    if dtype is None:
+        dtype = default
+    elif not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == default):
+        raise InvalidRequestError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
+    if device is None:
+        return dtype, torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"device {device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'") from None
+    if target.type == "cuda" and not (torch.cuda.is_available() and (target.index or 0) < torch.cuda.device_count()):
+        raise InvalidRequestError(f"device {device!r} is not available on this machine; decode to 'cpu' or a CUDA "
+                                  "device that exists")
+    return dtype, target
 
 
 def _expected_fragment_layout(meta: dict) -> dict[str, tuple[list[int], torch.dtype]]:

@@ -29,6 +29,7 @@ with later, smaller steps; the waste is at most the largest single step.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Protocol
 
 from ..errors import InvalidRequestError
@@ -101,10 +102,10 @@ def plan_order(tensors: Mapping[str, _Levelled]) -> list[tuple[str, int, int]]:
 
 
 def _check_quality(q: float) -> float:
-    try:
-        value = float(q)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"quality must be a number in [0, 1], got {q!r}") from None
+    # Same rule as ManagedModel.set_quality: a real number, not a string or a bool.
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise InvalidRequestError(f"quality must be a number in [0, 1], got {q!r}")
+    value = float(q)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise InvalidRequestError(f"quality must be in [0, 1], got {q!r}; clamp it before asking")
     return value

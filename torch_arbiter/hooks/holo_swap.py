@@ -24,6 +24,7 @@ Skipped (kept as they are, counted as fixed bytes by the caller):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -171,6 +172,22 @@ def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict
     return _HOLO_OF[type(module)].from_encoded(module, holo)
 
 
+def _check_encode_options(encode_options: object) -> dict:
+    """A copy of ``encode_options`` after checking its keys (values are checked by the encoder)."""
+    if encode_options is None:
+        return {}
+    if not isinstance(encode_options, Mapping):
+        raise PatchError(f"encode_options must be a dict of HoloTensor.encode options, got "
+                         f"{type(encode_options).__name__}")
+    allowed = [name for name, p in inspect.signature(HoloTensor.encode).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "calibration"]
+    unknown = sorted(str(key) for key in encode_options if key not in allowed)
+    if unknown:
+        raise PatchError(f"unknown encode_options {unknown}; the options are {allowed} "
+                         "(pass calibration= to patch() itself)")
+    return dict(encode_options)
+
+
 def _empty_like(param: nn.Parameter) -> torch.Tensor:
     return torch.empty(0, dtype=param.dtype, device=param.device)
 
@@ -205,7 +222,7 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
     """
     from tqdm.auto import tqdm
 
-    options = dict(encode_options or {})
+    options = _check_encode_options(encode_options)
     targets = _targets(root)
     tied_heads = {target.head for target in targets if target.head is not None}
     embedding_of = {target.head: target.name for target in targets if target.head is not None}

@@ -32,6 +32,7 @@ from ..errors import InvalidRequestError, PatchError
 from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
 from ..holo.calibrate import collect_linear_inputs
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
+from ..nn.modules import guard_dtype_changes
 from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
@@ -407,9 +408,12 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
 
     Limits: inference only (Holo layers carry no gradients); ``nn.Linear``, ``nn.Conv2d`` and
     ``nn.Embedding`` are swapped (a head tied to its embedding once, as one weight); other layers
-    (norms, biases, odd convs) stay exact and count as fixed bytes. Resizing embeddings or saving
-    a patched model is not supported (unpatch first).
+    (norms, biases, odd convs) stay exact and count as fixed bytes. ``state_dict()`` /
+    ``save_pretrained()`` save the original weights (bit for bit, at any quality);
+    ``load_state_dict`` accepts only those same weights and ``.to(dtype)`` is refused (unpatch,
+    change, patch again); resizing embeddings is not supported.
     """
+    _check_arbiter(arbiter)
     components, kind = _components(obj)
     if managed_model_of(obj) is not None or any(
             isinstance(sub, (HoloLinear, HoloConv2d, HoloEmbedding)) for m in components.values() for sub in m.modules()):
@@ -426,7 +430,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         for component, module in components.items():
             prefix = f"{component}/" if kind == "diffusers" else ""  # the names `convert` gives
             swapped.extend(apply_holo_swap(
-                module, prefix=prefix, checkpoint=checkpoint, encode_options=dict(encode_options or {}),
+                module, prefix=prefix, checkpoint=checkpoint, encode_options=encode_options,
                 progress=progress, description=f"patching {component or type(obj).__name__}",
                 calibration=inputs))
         if not swapped:
@@ -436,6 +440,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         switch: SafePointSwitch[float] = SafePointSwitch(lambda q: holder[0]._apply(q))
         for module in components.values():
             hooks.append(apply_safe_point_hook(module, switch))
+            guard_dtype_changes(module)
         managed = ManagedModel(obj, components, swapped, hooks, switch)
         holder.append(managed)
         for module in components.values():
@@ -452,6 +457,14 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             remove_holo_swap(swapped)
         raise
     return managed
+
+
+def _check_arbiter(arbiter: Any) -> None:
+    from ..arbiter import Arbiter
+
+    if arbiter is not None and not isinstance(arbiter, Arbiter):
+        raise PatchError(f"arbiter must be a torch_arbiter.Arbiter or None (the default arbiter), got "
+                         f"{type(arbiter).__name__}; pass it as patch(model, arbiter) or arbiter=...")
 
 
 def _calibration_run(obj: Any, calibration: Any):

@@ -31,16 +31,19 @@ Limits: inference only (no gradients reach the fragments); the level changes onl
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, PatchError
 from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, residual_scales,
                           rotate_input, unpack_nibbles, unrotate)
 from . import _int4, _kernels
 
-__all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "cpu_kernels_available"]
+__all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "cpu_kernels_available", "guard_dtype_changes",
+           "refuse_dtype_change"]
 
 #: From this many input rows on, a quantised ``HoloLinear`` on the CPU decodes its weight (fp32,
 #: in chunks) for torch's matmul instead of running the fused kernel, whose cost grows with the
@@ -144,12 +147,52 @@ class _HoloModule(nn.Module):
         self._level = k
 
     def _apply(self, fn, *args, **kwargs):
+        refuse_dtype_change(self, fn)
         result = super()._apply(fn, *args, **kwargs)
         if self._resident:
             device = self._device_probe.device
             if next(iter(self._resident.values())).device != device:
                 self._hold(self._level, device)
         return result
+
+    # -- nn.Module citizenship: state_dict holds the original weight ------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Save ``weight`` as the original tensor (the exact level), bit for bit, whatever the level.
+
+        A patched model's ``state_dict()`` / ``save_pretrained()`` therefore write the model as it
+        was before ``patch()``, under the original names (the tensor lives on the CPU).
+        """
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "exact" not in self.holo.fragments:
+            raise PatchError(
+                f"{prefix}weight: the exact level of this Holo layer is not loaded, so its original "
+                "weight cannot be saved; patch from the full holo checkpoint (or the original model) "
+                "and save again, or save the holo checkpoint itself with `torch-arbiter convert`")
+        exact = self.holo.fragment("exact")
+        destination[prefix + "weight"] = exact if keep_vars else exact.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Accept the layer's own original weight (a no-op); refuse any other.
+
+        A Holo layer's levels are encoded from its weight, so new weights need a new encoding:
+        ``unpatch()``, load them into the plain model, and ``patch()`` again.
+        """
+        key = prefix + "weight"
+        if key in state_dict:
+            value = state_dict[key]
+            exact = self.holo.fragment("exact") if "exact" in self.holo.fragments else None
+            if not (isinstance(value, torch.Tensor) and exact is not None and value.shape == exact.shape
+                    and value.dtype == exact.dtype and torch.equal(value.detach().to(exact.device), exact)):
+                raise PatchError(
+                    f"{key}: loading a different weight into a patched layer is not supported (its "
+                    "levels were encoded from the old one); unpatch() the model, load_state_dict() into "
+                    "it, and patch() it again")
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix,
+                                      local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _hold(self, k: int, device: torch.device) -> None:
         self._resident, self._codes = {}, None  # release first: old and new levels never held together
@@ -561,6 +604,51 @@ class HoloEmbedding(_HoloModule):
         o = self.embedding_options
         tied = ", tied to a head" if self._tied_head is not None else ""
         return f"{o['num_embeddings']}, {o['embedding_dim']}, level={self.level}/{self.num_levels}{tied}"
+
+
+def refuse_dtype_change(module: nn.Module, fn) -> None:
+    """Raise before ``fn`` (what ``module.to(...)`` / ``.half()`` apply) changes a Holo weight's dtype.
+
+    A Holo layer's levels, byte counts and bit-exact top level belong to the weight's dtype, so a
+    dtype change is refused, never ignored. Device moves pass.
+
+    Args:
+        module: a Holo module, or a module tree holding some (checked before anything changes).
+        fn: the per-tensor function of ``nn.Module._apply``.
+
+    Raises:
+        PatchError: ``fn`` would change the dtype of some Holo layer's weight.
+    """
+    holos = [module] if isinstance(module, _HoloModule) else [m for m in module.modules() if isinstance(m, _HoloModule)]
+    for dtype in {m.holo.dtype for m in holos}:
+        if not dtype.is_floating_point:
+            continue
+        converted = fn(torch.empty(0, dtype=dtype))
+        if isinstance(converted, torch.Tensor) and converted.dtype != dtype:
+            raise PatchError(
+                f"this model's Holo layers hold {dtype} weights and cannot be cast to {converted.dtype} in "
+                "place (their levels are encoded from the original dtype); unpatch() the model, cast it, and "
+                "patch() it again (or convert a checkpoint of the cast model)")
+
+
+def guard_dtype_changes(root: nn.Module) -> None:
+    """Make ``root.to(dtype)`` / ``root.half()`` refuse before converting anything when ``root`` holds Holo layers.
+
+    ``nn.Module._apply`` converts children one by one, so a refusal raised by a Holo layer alone
+    would leave the layers converted before it changed; this checks the whole tree first. The
+    guard stays harmless once the layers are gone (``unpatch()``): it then checks nothing.
+
+    Args:
+        root: the module ``patch()`` swapped layers in.
+    """
+    if "_apply" in vars(root):
+        return
+    root._apply = types.MethodType(_guarded_apply, root)
+
+
+def _guarded_apply(self: nn.Module, fn, *args, **kwargs):
+    refuse_dtype_change(self, fn)
+    return type(self)._apply(self, fn, *args, **kwargs)
 
 
 def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
