@@ -36,10 +36,11 @@ from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
 
-__all__ = ["ManagedModel", "patch", "managed_model_of"]
+__all__ = ["ManagedModel", "patch", "managed_model_of", "managed_models"]
 
 _log = logging.getLogger(__name__)
 _MARKER = "_torch_arbiter_managed"
+_REGISTERED: "weakref.WeakSet[ManagedModel]" = weakref.WeakSet()  # every model attached to an arbiter
 
 
 def _components(obj: Any) -> tuple[dict[str, nn.Module], str]:
@@ -95,6 +96,25 @@ def managed_model_of(obj: Any) -> "ManagedModel | None":
         if ref is not None and ref() is not None:
             return ref()
     return None
+
+
+def managed_models(arbiter: Any = None) -> "list[ManagedModel]":
+    """The patched models registered with ``arbiter`` (with any arbiter when None), oldest first.
+
+    Metrics, the status file of ``torch-arbiter top`` and the notebook views read each model's
+    resident bytes and quality in effect through this, since the arbiter itself only knows
+    allocations.
+
+    Args:
+        arbiter: an :class:`~torch_arbiter.arbiter.Arbiter`, or None for all.
+
+    Returns:
+        The live (still patched, not garbage-collected) models, ordered by allocation id.
+
+    Limits: a model patched with ``register=False`` is not listed.
+    """
+    found = [m for m in list(_REGISTERED) if m.patched and (arbiter is None or m.arbiter is arbiter)]
+    return sorted(found, key=lambda m: m.allocation.id if m.allocation is not None else 0)
 
 
 class ManagedModel:
@@ -307,6 +327,7 @@ class ManagedModel:
 
         self._listener = listener
         arbiter.add_listener(listener)
+        _REGISTERED.add(self)
 
     # -- undo ------------------------------------------------------------------------------------------
 
