@@ -45,7 +45,7 @@ def test_scraped_metrics_follow_the_arbiter_and_the_model(tmp_path):
     device = full + full // 2  # the model's floor and part of its levels fit, not all of it
     with Arbiter(ArbiterConfig(vram_bytes=device, metrics_port=0)) as arbiter, \
             FragmentCache(CacheConfig(device="cpu", spill_dir=tmp_path)) as cache:
-        url = arbiter._metrics_servers[0].url
+        [url] = arbiter.metrics_urls
         managed = patch(model, arbiter, workload=WorkloadType.LLM_INFERENCE, priority=Priority.HIGH,
                         name="chat", activation_bytes=0, progress=False)
         assert managed_models(arbiter) == [managed]

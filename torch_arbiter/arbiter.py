@@ -598,6 +598,12 @@ class Arbiter:
             self._metrics_servers.append(server)
         return server
 
+    @property
+    def metrics_urls(self) -> list[str]:
+        """The scrape URLs of the metrics servers this arbiter runs (``metrics_port`` or :meth:`serve_metrics`)."""
+        with self._lock:
+            return [server.url for server in self._metrics_servers]
+
     def close(self) -> None:
         """Stop the memory monitor and the metrics servers; further requests fail. Allocations stay readable."""
         with self._lock:
