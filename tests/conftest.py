@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from torch_arbiter import models
+from torch_arbiter.demo import models
 
 # CI runs the property tests on a fixed seed sequence, so one submission's verdict does not depend
 # on the draw (a clean-clone run once hung on an example no other run had drawn). Local runs keep

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.scenario import run_demo
 
     return run_demo(vram_gb=args.vram_gb, quick=args.quick)
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from .arbiter import Arbiter, ArbiterConfig
-from .memory import GpuMemoryTracker
-from .priority import Priority, WorkloadType
+from ..arbiter import Arbiter, ArbiterConfig
+from ..memory import GpuMemoryTracker
+from ..priority import Priority, WorkloadType
 
 __all__ = ["run_demo"]
 
@@ -60,7 +60,7 @@ def run_demo(vram_gb: float | None = None, quick: bool = False) -> int:
     Returns:
         0 on success.
     """
-    from .hooks import patch
+    from ..hooks import patch
     from .models import load_digits_ddpm, load_smollm2, perplexity, psnr, reference_text, smollm2_holo_dir
 
     tokens, steps = (6, 8) if quick else (16, 25)

