@@ -10,13 +10,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
+
 __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.scenario import run_demo
 
-    return run_demo(vram_gb=args.vram_gb, quick=args.quick)
+    run_demo(vram_gb=args.vram_gb, quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def _vram_gb(value: str) -> float:
+    from .demo.scenario import check_vram_gb
+    from .errors import InvalidRequestError
+
+    try:
+        return check_vram_gb(value)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--vram-gb ")) from None
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -49,11 +62,17 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="torch-arbiter",
         description="Share one GPU between several PyTorch models at live quality.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run two real models side by side under one arbiter")
-    demo.add_argument("--vram-gb", type=float, default=None, help="virtual device size (CPU)")
-    demo.add_argument("--quick", action="store_true", help="shorter run (used by the tests)")
+    demo = sub.add_parser("demo", help="run two real models side by side under one arbiter, with a live view; "
+                                       "writes a timeline picture, a trace and the outputs")
+    demo.add_argument("--vram-gb", type=_vram_gb, default=None, metavar="GIB",
+                      help="size of the virtual device in GiB (default: both models at full quality fill 85 %% of it)")
+    demo.add_argument("--quick", action="store_true", help="fewer tokens and denoising steps (CI)")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="where to write timeline.png, trace.json, chat.md, digits_q*.png and summary.md "
+                           "(default: a new demo-out/<date-time>/)")
     demo.set_defaults(func=_cmd_demo)
 
     conv = sub.add_parser("convert", help="encode a model (transformers/diffusers dir, safetensors, GGUF) "
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The process exit status (0 on success). An ``ArbiterError`` is printed as
-        one line on stderr with status 2 instead of a traceback.
+        one line on stderr with status 2 instead of a traceback; Ctrl-C gives one line and 130.
     """
     from .errors import ArbiterError
 
@@ -100,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArbiterError as exc:
         print(f"torch-arbiter: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("torch-arbiter: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

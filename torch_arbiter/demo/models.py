@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -192,11 +193,14 @@ def _cached_dir(target: Path, stamp: dict, build) -> Path:
     return target
 
 
-def smollm2_checkpoint_dir() -> Path:
+def smollm2_checkpoint_dir(progress: bool = False) -> Path:
     """A plain transformers checkpoint dir (safetensors, fp32) of SmolLM2-135M-Instruct.
 
     Built once from the packaged GGUF (about 40 s) and cached; rebuilt when the GGUF changes.
     The write is atomic (a temp dir renamed into place).
+
+    Args:
+        progress: say on stderr when the copy is being built (it is silent for about 40 s).
 
     Returns:
         The directory, loadable with ``AutoModelForCausalLM.from_pretrained(path)`` and
@@ -208,6 +212,9 @@ def smollm2_checkpoint_dir() -> Path:
     gguf = smollm2_gguf_path()
 
     def build(staging: Path) -> None:
+        if progress:
+            print("dequantising SmolLM2's GGUF into a cached safetensors copy (about 40 s, once) ...",
+                  file=sys.stderr, flush=True)
         model, tokenizer = _load_smollm2_from_gguf(gguf)
         _plain_copy(model).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -224,13 +231,16 @@ def _codec_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def smollm2_holo_dir() -> Path:
+def smollm2_holo_dir(progress: bool = False) -> Path:
     """SmolLM2-135M-Instruct converted to a holo checkpoint (``torch_arbiter.holo.convert``), cached.
 
     Encoding the 210 projection matrices takes one to a few minutes on two cores, so the result is
     kept under the cache dir and reused; it is rebuilt when the GGUF or the codec's source changes.
     ``patch(model, holo_dir=smollm2_holo_dir())`` then reads fragments instead of encoding, and
     :func:`torch_arbiter.hooks.transformers_quantizer.from_holo_pretrained` loads it directly.
+
+    Args:
+        progress: when the conversion has to run, say so and show a progress bar on stderr.
 
     Returns:
         The checkpoint directory (``holo_index.json``, fragments, config and tokenizer files).
@@ -240,12 +250,15 @@ def smollm2_holo_dir() -> Path:
     """
     from ..holo.convert import convert
 
-    source = smollm2_checkpoint_dir()
+    source = smollm2_checkpoint_dir(progress)
     stamp = {"source": _source_stamp(smollm2_gguf_path()), "codec": _codec_fingerprint()}
 
     def build(staging: Path) -> None:
         converted = staging / "holo"
-        convert(source, converted, progress=False)
+        if progress:
+            print("encoding SmolLM2 into HoloTensor fragments (one to a few minutes, once; cached under "
+                  f"{cache_dir()}) ...", file=sys.stderr, flush=True)
+        convert(source, converted, progress=progress)
         for item in converted.iterdir():
             os.replace(item, staging / item.name)
         converted.rmdir()
