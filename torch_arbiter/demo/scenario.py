@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .._fileio import atomic_write
+from .._optional import import_optional
 from ..arbiter import Arbiter, ArbiterConfig
 from ..errors import InvalidRequestError
 from ..memory import GpuMemoryTracker
@@ -267,9 +268,12 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
         InvalidRequestError: ``vram_gb`` is not a positive finite number, or too small for the
             two models at their lowest quality (the message gives the smallest size that works).
         ModelNotAvailableError: a model package is missing (the message names the pip command).
+        OptionalDependencyError: rich or matplotlib is missing (the ``demo`` extra).
 
     Limits: CPU only (a virtual device); the first run converts SmolLM2 (minutes, cached).
     """
+    for module in ("rich", "matplotlib"):
+        import_optional(module, "demo", "the demo's live view and pictures")
     from rich.console import Console
     from rich.live import Live
 
