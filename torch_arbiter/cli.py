@@ -1,7 +1,7 @@
 """The ``torch-arbiter`` command.
 
 Subcommands: ``demo`` (the main job: two real models share one virtual device),
-``convert`` / ``inspect`` (holo checkpoints). Each subcommand is a ``_cmd_*``
+``top`` (every arbiter on this machine, live), ``convert`` / ``inspect`` (holo checkpoints). Each subcommand is a ``_cmd_*``
 function registered in :func:`_build_parser`.
 """
 
@@ -20,6 +20,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(vram_gb=args.vram_gb, quick=args.quick, out_dir=args.out)
     return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    return run_top(once=args.once, interval_s=args.interval)
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, got {value!r}")
+    return seconds
 
 
 def _vram_gb(value: str) -> float:
@@ -93,6 +109,13 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(func=_cmd_convert)
+
+    top = sub.add_parser("top", help="live per-workload view of every arbiter running on this machine "
+                                     "(Ctrl-C quits)")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+    top.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default 1)")
+    top.set_defaults(func=_cmd_top)
 
     insp = sub.add_parser("inspect", help="print the summary of a holo checkpoint")
     insp.add_argument("path", help="holo checkpoint directory")
