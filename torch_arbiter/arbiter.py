@@ -628,6 +628,18 @@ class Arbiter:
         if self._status is not None:
             self._status.close()
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the device line and a table of every workload."""
+        from ._display import arbiter_view
+
+        return arbiter_view(self).html()
+
+    def __rich__(self):
+        """rich's view: the same table as :meth:`_repr_html_`."""
+        from ._display import arbiter_view
+
+        return arbiter_view(self).rich()
+
     def __enter__(self) -> "Arbiter":
         return self
 

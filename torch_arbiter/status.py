@@ -110,6 +110,7 @@ def status_of(arbiter: Any) -> dict:
         "external_bytes": state.external_bytes,
         "granted_bytes": state.granted_bytes,
         "pressure": state.pressure.name,
+        "policy": state.policy.name,
         "waiting": state.waiting,
         "stats": {"rebalances": stats.rebalances, "preemptions": stats.preemptions, "waits": stats.waits,
                   "oom_recoveries": getattr(stats, "oom_recoveries", 0)},

@@ -9,20 +9,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ._display import status_view
 from ._optional import import_optional
 from .status import read_statuses, status_dir
 
 __all__ = ["render_statuses", "run_top"]
 
-_MIB = 1 << 20
-
-
-def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / _MIB:,.1f}"
-
 
 def render_statuses(statuses: list[dict], directory: Path | None = None):
-    """A rich renderable: one table per arbiter (its device line as the title), one row per workload.
+    """A rich renderable: one table per arbiter (pid, command and device line as the title), one row per workload.
 
     Args:
         statuses: from :func:`~torch_arbiter.status.read_statuses`.
@@ -33,30 +28,11 @@ def render_statuses(statuses: list[dict], directory: Path | None = None):
     """
     import_optional("rich", "demo", "torch-arbiter top")
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     if not statuses:
         return Text(f"no arbiter is running on this machine (status files: {directory or status_dir()})")
-    tables = []
-    for status in statuses:
-        title = (f"[bold]pid {status['pid']}[/] {status.get('command', '')} · {status['device']} · "
-                 f"device {_mib(status['total_bytes'])} MiB · other processes {_mib(status['external_bytes'])} MiB · "
-                 f"granted {_mib(status['granted_bytes'])} MiB · pressure {status['pressure']} · "
-                 f"{status['stats']['rebalances']} rebalances, {status['stats']['preemptions']} preemptions")
-        table = Table(title=title, title_justify="left")
-        for column, justify in (("workload", "left"), ("kind", "left"), ("priority", "left"), ("state", "left"),
-                                ("target q", "right"), ("in effect", "right"), ("resident / full MiB", "right"),
-                                ("granted MiB", "right")):
-            table.add_column(column, justify=justify)
-        for w in status["workloads"]:
-            table.add_row(w["name"], w["kind"], w["priority"], w["state"], f"{w['target_quality']:.3f}",
-                          "-" if w["quality"] is None else f"{w['quality']:.3f}",
-                          f"{_mib(w['resident_bytes'])} / {_mib(w['full_bytes'])}", _mib(w["granted_bytes"]))
-        if not status["workloads"]:
-            table.add_row("(no workload)", "", "", "", "", "", "", "")
-        tables.append(table)
-    return Group(*tables)
+    return Group(*(status_view(s, prefix=f"pid {s['pid']} ({s.get('command', '')}): ").rich() for s in statuses))
 
 
 def run_top(once: bool = False, interval_s: float = 1.0) -> int:
