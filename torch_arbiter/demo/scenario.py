@@ -7,9 +7,8 @@ while priorities and the memory used by "another process" change:
 1. both fit at full quality (the device is sized so that they use about 85 % of it);
 2. another process takes most of the device: the chat (HIGH, the user-facing priority) drops to
    mostly 4-bit levels and its answer changes, the image job (BACKGROUND) to its floor;
-3. the user clicks "generate": the image job becomes CRITICAL and climbs back to full quality,
-   the chat becomes BACKGROUND (the swap happens while it generates: its new level waits for the
-   next decode step);
+3. the user clicks "generate" while the chat answers: the image job becomes CRITICAL and climbs
+   back to full quality, the chat becomes BACKGROUND (its new level waits for its next decode step);
 4. the other process exits and the image job is done: the chat climbs back to full quality.
 
 A rich table shows every workload live; a sampler thread records the arbiter's state five times a
@@ -289,7 +288,7 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
     live = console.is_terminal if live is None else live
     out = Path(out_dir) if out_dir is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    tokens, steps = (12, 10) if quick else (24, 25)
+    tokens, steps = (12, 10) if quick else (20, 25)
 
     holo_dir = smollm2_holo_dir(progress=True)
     holo_summary = summarize(holo_dir, qualities=())
@@ -322,15 +321,13 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
         view = Live(get_renderable=lambda: _view(recorder), console=console, refresh_per_second=8,
                     transient=False) if live else contextlib.nullcontext()
 
-        def run_chat(phase: str, answer_box: list | None = None) -> None:
+        def run_chat(phase: str, with_perplexity: bool = True) -> None:
             before = chat.quality
             answer = _answer(llm, tokenizer, tokens)
             entry = {"phase": phase, "question": _QUESTION, "answer": answer,
                      "quality_start": round(before, 4), "quality_end": round(chat.quality, 4)}
-            if answer_box is not None:
-                answer_box.append(entry)
-                return
-            entry["perplexity"] = round(perplexity(llm, tokenizer, text, max_tokens=128, stride=128, window=128), 3)
+            if with_perplexity:
+                entry["perplexity"] = round(perplexity(llm, tokenizer, text, max_tokens=128, stride=128, window=128), 3)
             chat_log.append(entry)
             recorder.outputs["chat"] = answer.replace("\n", " ")
 
@@ -347,9 +344,10 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
             verdict = "identical to full quality" if score == math.inf else f"PSNR {score:.1f} dB vs full quality"
             recorder.outputs["image"] = f"4 digits, {verdict}"
 
-        def phase(title: str, image_runs: bool = True) -> None:
+        def phase(title: str, chat_runs: bool = True, image_runs: bool = True) -> None:
             recorder.phase = title
-            run_chat(title)
+            if chat_runs:
+                run_chat(title)
             if image_runs and image.patched:
                 run_image(title)
             recorder.sample()
@@ -369,17 +367,16 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
             phase(f"2. another process takes {squeeze / device_bytes:.0%} of the device: "
                   "the chat drops to mostly 4-bit levels, the image job to its floor")
 
-            generating: list[dict] = []
-            worker = threading.Thread(target=run_chat, args=("2b. asked while the priorities change", generating),
-                                      daemon=True)
+            title = "3. the user clicks 'generate' while the chat answers: the image job is CRITICAL and climbs, the chat is BACKGROUND"
+            recorder.phase = title
+            worker = threading.Thread(target=run_chat, args=(title, False), daemon=True)
             worker.start()
             time.sleep(0.3)
             recorder.event("the user clicks 'generate': the image job CRITICAL, the chat BACKGROUND")
             arbiter.update_priority(image.allocation, Priority.CRITICAL)
             arbiter.update_priority(chat.allocation, Priority.BACKGROUND)
             worker.join()
-            chat_log.extend(generating)
-            phase("3. the user clicks 'generate': the image job is CRITICAL and climbs, the chat is BACKGROUND")
+            phase(title, chat_runs=False)
 
             with recorder.atomic():
                 tracker.set_external_bytes(0)
