@@ -64,6 +64,16 @@ def test_demo_quick_writes_its_files_and_the_trace_follows_the_scenario(tmp_path
     assert "\\n" not in chat  # answers are written as text, not as escaped Python strings
 
 
+@pytest.mark.slow
+def test_demo_says_which_device_size_is_enough_before_loading_the_llm():
+    out = _run("demo", "--vram-gb", "0.05", "--out", "/dev/null/never", timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    message = out.stderr.strip().splitlines()[-1]
+    assert "--vram-gb 0.05 is too small for this demo" in message and "min_quality" not in message
+    enough = float(message.split("Pass --vram-gb ")[1].split()[0])
+    assert 0.05 < enough < 1.0
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-4", "0", "many"])
 def test_demo_refuses_a_bad_device_size_in_demo_terms(value, capsys):
     with pytest.raises(SystemExit) as exit_info:

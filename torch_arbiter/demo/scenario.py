@@ -265,7 +265,8 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
 
     Raises:
         InvalidRequestError: ``vram_gb`` is not a positive finite number, or too small for the
-            two models at their lowest quality (the message gives the smallest size that works).
+            two models at their lowest quality (the message gives the smallest size that works);
+            ``out_dir`` cannot be made.
         ModelNotAvailableError: a model package is missing (the message names the pip command).
         OptionalDependencyError: rich or matplotlib is missing (the ``demo`` extra).
 
@@ -287,7 +288,6 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
         console = Console(width=140)
     live = console.is_terminal if live is None else live
     out = Path(out_dir) if out_dir is not None else default_out_dir()
-    out.mkdir(parents=True, exist_ok=True)
     tokens, steps = (12, 10) if quick else (20, 25)
 
     holo_dir = smollm2_holo_dir(progress=True)
@@ -296,6 +296,11 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
     image_full = sum(p.nbytes for p in pipe.unet.parameters()) + sum(b.nbytes for b in pipe.unet.buffers())
     device_bytes = _device_size(vram_gb, holo_summary.full_bytes,
                                 math.ceil(holo_summary.min_quality * holo_summary.full_bytes), image_full)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot make the output directory {out} ({exc.strerror or exc}): "
+                                  "pass another --out DIR") from exc
     console.print("loading SmolLM2-135M-Instruct and the digits DDPM ...")
     llm, tokenizer = load_smollm2()
     reference_digits = _digits(pipe, steps)
