@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -91,6 +92,15 @@ def test_closing_an_arbiter_removes_its_status_file(tmp_path, monkeypatch):
     assert read_statuses(tmp_path) == []
     with Arbiter(ArbiterConfig(vram_bytes=1 << 20, status_interval_s=None)):
         assert read_statuses(tmp_path) == []
+
+
+def test_a_dropped_arbiter_takes_its_status_file_with_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_ARBITER_STATUS_DIR", str(tmp_path))
+    arbiter = Arbiter(ArbiterConfig(vram_bytes=1 << 20, status_interval_s=0.05))
+    assert len(read_statuses(tmp_path)) == 1
+    del arbiter
+    gc.collect()
+    _wait_for(lambda: not list(tmp_path.glob("*.json")))
 
 
 def test_a_status_dir_others_can_write_is_refused(tmp_path, monkeypatch):

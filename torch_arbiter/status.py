@@ -184,7 +184,8 @@ class StatusPublisher:
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
             self._wake.clear()
-            if self._arbiter() is None:
+            if self._arbiter() is None:  # dropped without close(): its file goes with it
+                self.close()
                 return
             self.publish()
 
