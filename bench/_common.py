@@ -76,7 +76,7 @@ CALIBRATION_TOKENS = 1024
 
 def calibration_ids(tokenizer):
     """The first :data:`CALIBRATION_TOKENS` token ids ``[1, n]`` of :data:`CALIBRATION_TEXT`."""
-    from torch_arbiter import models
+    from torch_arbiter.demo import models
 
     text = models.reference_text(CALIBRATION_TEXT)[:8000]
     return tokenizer(text, return_tensors="pt").input_ids[:, :CALIBRATION_TOKENS]

@@ -5,7 +5,7 @@ Sections (``--only`` picks some):
 - ``minilm``: all-MiniLM-L6-v2 (real fp32 weights). Mean cosine of mean-pooled sentence embeddings
   against the fp32 model and nearest-neighbour agreement (each sentence's nearest other sentence
   is the same as with fp32), on the first distinct sentences of the licence texts under /usr/share/common-licenses.
-- ``smollm2``: SmolLM2-135M-Instruct perplexity on GPL-3 (``torch_arbiter.models.perplexity``)
+- ``smollm2``: SmolLM2-135M-Instruct perplexity on GPL-3 (``torch_arbiter.demo.models.perplexity``)
   and the KL divergence of its next-token distributions from the reference model's.
   Its reference weights are a dequantised Q4_1 GGUF: already on a 4-bit grid with asymmetric
   blocks of 32 along the input dimension, so round-to-nearest grouped the same way (RTN g32) is
@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, CALIBRATION_TOKENS, calibration_ids, write_results  # noqa: E402
 
-from torch_arbiter import models  # noqa: E402
+from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
                                 plan_quality)
 

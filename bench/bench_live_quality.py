@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import calibration_ids, write_results  # noqa: E402
 
-from torch_arbiter import models  # noqa: E402
+from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.hooks import patch  # noqa: E402
 
 _QUALITIES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)

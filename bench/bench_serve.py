@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from torch_arbiter import models  # noqa: E402
+from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.serve import ModelHost, ServeConfig, create_app, serve_in_thread  # noqa: E402
 from torch_arbiter.serve.host import DEFAULT_CHAT_ID, DEFAULT_IMAGE_ID, _eos_ids  # noqa: E402
 from torch_arbiter.serve.runners import ChatRunner, ImageRunner, pipeline_call_options  # noqa: E402

@@ -8,7 +8,7 @@ average of the weights is what gets saved (it samples cleaner digits than the ra
 
 Usage (about 9 min on one shared CPU core)::
 
-    .venv/bin/python scripts/train_digits_ddpm.py                 # writes torch_arbiter/assets/digits_ddpm
+    .venv/bin/python scripts/train_digits_ddpm.py                 # writes torch_arbiter/demo/assets/digits_ddpm
     .venv/bin/python scripts/train_digits_ddpm.py --steps 200 --out /tmp/ddpm   # a quick smoke run
 
 The output is a diffusers pipeline dir (``model_index.json``, ``unet/``, ``scheduler/``) plus a
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_DEFAULT_OUT = Path(__file__).resolve().parent.parent / "torch_arbiter" / "assets" / "digits_ddpm"
+_DEFAULT_OUT = Path(__file__).resolve().parent.parent / "torch_arbiter" / "demo" / "assets" / "digits_ddpm"
 _IMAGE_SIZE = 16
 
 
@@ -167,7 +167,7 @@ def _write_readme(path: Path, args: argparse.Namespace, params: int, final_loss:
         "# digits DDPM (trained by this repository)\n\n"
         "A diffusers `DDPMPipeline` whose `UNet2DModel` was trained on scikit-learn's 8x8 digits\n"
         "(upsampled to 16x16, one channel, scaled to [-1, 1]). Tests, benchmarks and the demo load it\n"
-        "with `torch_arbiter.models.load_digits_ddpm()`. `samples.png` shows 36 samples.\n\n"
+        "with `torch_arbiter.demo.models.load_digits_ddpm()`. `samples.png` shows 36 samples.\n\n"
         f"- command: `{command}`\n"
         f"- seed: {args.seed}; steps: {args.steps}; batch size: {args.batch_size}; lr: {args.lr} "
         f"(one-cycle); EMA decay: {args.ema_decay}; torch threads: {args.threads}\n"

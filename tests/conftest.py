@@ -7,13 +7,22 @@ a second; ``fresh_digits_ddpm`` gives a new pipeline).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
 
-from torch_arbiter import models
+from torch_arbiter.demo import models
+
+# Arbiters made by tests publish their `torch-arbiter top` status files in a private directory of this
+# session, not in the user's real one.
+if "TORCH_ARBITER_STATUS_DIR" not in os.environ:
+    os.environ["TORCH_ARBITER_STATUS_DIR"] = tempfile.mkdtemp(prefix="torch-arbiter-status-")
+    atexit.register(shutil.rmtree, os.environ["TORCH_ARBITER_STATUS_DIR"], True)
 
 # CI runs the property tests on a fixed seed sequence, so one submission's verdict does not depend
 # on the draw (a clean-clone run once hung on an example no other run had drawn). Local runs keep

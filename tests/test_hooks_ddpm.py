@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from torch_arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType, models
+from torch_arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType
+from torch_arbiter.demo import models
 from torch_arbiter.hooks import SAFE_POINT_HOOK, patch
 from torch_arbiter.nn import HoloConv2d, HoloLinear
 

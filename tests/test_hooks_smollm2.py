@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from torch_arbiter import models
+from torch_arbiter.demo import models
 from torch_arbiter.hooks import managed_model_of, patch
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""torch_arbiter.models: local loaders of the real models and the shared quality metrics."""
+"""torch_arbiter.demo.models: local loaders of the real models and the shared quality metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_arbiter import models
+from torch_arbiter.demo import models
 from torch_arbiter.errors import ArbiterError, InvalidRequestError, ModelNotAvailableError
 
 # -- metrics (fast) ---------------------------------------------------------------------------------

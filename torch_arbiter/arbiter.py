@@ -65,6 +65,9 @@ class ArbiterConfig:
         metrics_port: serve Prometheus metrics on ``127.0.0.1:metrics_port`` from the start
             (0: a free port; see :meth:`Arbiter.serve_metrics`); None serves none. Needs the
             ``metrics`` extra.
+        status_interval_s: publish this arbiter's status for ``torch-arbiter top`` (a 0600 JSON
+            file, see :mod:`torch_arbiter.status`) after each change and at this interval; None
+            publishes nothing.
     """
 
     vram_bytes: int | None = None
@@ -75,6 +78,7 @@ class ArbiterConfig:
     allow_preemption: bool = True
     monitor_interval_s: float | None = None
     metrics_port: int | None = None
+    status_interval_s: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.vram_bytes is not None and (not isinstance(self.vram_bytes, int) or self.vram_bytes <= 0):
@@ -88,6 +92,8 @@ class ArbiterConfig:
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port <= 65535):
             raise InvalidRequestError(f"metrics_port must be a TCP port in [0, 65535] or None, got {self.metrics_port!r}")
+        if self.status_interval_s is not None and not self.status_interval_s > 0:
+            raise InvalidRequestError("status_interval_s must be > 0 seconds or None")
         CoordinatorConfig(self.policy, self.fixed_quality, self.allow_preemption)
 
     @classmethod
@@ -263,6 +269,12 @@ class Arbiter:
             self.tracker.start_monitor(lambda _stats: self.rebalance(), self.config.monitor_interval_s)
         if self.config.metrics_port is not None:
             self.serve_metrics(self.config.metrics_port)
+        self._status = None
+        if self.config.status_interval_s is not None:
+            from .status import StatusPublisher
+
+            self._status = StatusPublisher(self, self.config.status_interval_s).start()
+            self.add_listener(self._status.request)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -605,13 +617,28 @@ class Arbiter:
             return [server.url for server in self._metrics_servers]
 
     def close(self) -> None:
-        """Stop the memory monitor and the metrics servers; further requests fail. Allocations stay readable."""
+        """Stop the memory monitor, the metrics servers and the status file; further requests fail.
+        Allocations stay readable."""
         with self._lock:
             self._closed = True
             servers, self._metrics_servers = self._metrics_servers, []
         self.tracker.stop_monitor()
         for server in servers:
             server.close()
+        if self._status is not None:
+            self._status.close()
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the device line and a table of every workload."""
+        from ._display import arbiter_view
+
+        return arbiter_view(self).html()
+
+    def __rich__(self):
+        """rich's view: the same table as :meth:`_repr_html_`."""
+        from ._display import arbiter_view
+
+        return arbiter_view(self).rich()
 
     def __enter__(self) -> "Arbiter":
         return self

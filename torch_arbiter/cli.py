@@ -1,7 +1,8 @@
 """The ``torch-arbiter`` command.
 
 Subcommands: ``demo`` (the main job: two real models share one virtual device),
-``convert`` / ``inspect`` (holo checkpoints), ``serve`` (the OpenAI-compatible server). Each subcommand is a ``_cmd_*``
+``top`` (every arbiter on this machine, live), ``convert`` / ``inspect`` (holo checkpoints), ``serve`` (the
+OpenAI-compatible server). Each subcommand is a ``_cmd_*``
 function registered in :func:`_build_parser`.
 """
 
@@ -10,13 +11,42 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
+
 __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.scenario import run_demo
 
-    return run_demo(vram_gb=args.vram_gb, quick=args.quick)
+    run_demo(vram_gb=args.vram_gb, quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    return run_top(once=args.once, interval_s=args.interval)
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, got {value!r}")
+    return seconds
+
+
+def _vram_gb(value: str) -> float:
+    from .demo.scenario import check_vram_gb
+    from .errors import InvalidRequestError
+
+    try:
+        return check_vram_gb(value)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--vram-gb ")) from None
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -61,11 +91,17 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="torch-arbiter",
         description="Share one GPU between several PyTorch models at live quality.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run two real models side by side under one arbiter")
-    demo.add_argument("--vram-gb", type=float, default=None, help="virtual device size (CPU)")
-    demo.add_argument("--quick", action="store_true", help="shorter run (used by the tests)")
+    demo = sub.add_parser("demo", help="run two real models side by side under one arbiter, with a live view; "
+                                       "writes a timeline picture, a trace and the outputs")
+    demo.add_argument("--vram-gb", type=_vram_gb, default=None, metavar="GIB",
+                      help="size of the virtual device in GiB (default: both models at full quality fill 85 %% of it)")
+    demo.add_argument("--quick", action="store_true", help="fewer tokens and denoising steps (CI)")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="where to write timeline.png, trace.json, chat.md, digits_q*.png and summary.md "
+                           "(default: a new demo-out/<date-time>/)")
     demo.set_defaults(func=_cmd_demo)
 
     conv = sub.add_parser("convert", help="encode a model (transformers/diffusers dir, safetensors, GGUF) "
@@ -86,6 +122,13 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(func=_cmd_convert)
+
+    top = sub.add_parser("top", help="live per-workload view of every arbiter running on this machine "
+                                     "(Ctrl-C quits)")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+    top.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default 1)")
+    top.set_defaults(func=_cmd_top)
 
     insp = sub.add_parser("inspect", help="print the summary of a holo checkpoint")
     insp.add_argument("path", help="holo checkpoint directory")
@@ -123,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The process exit status (0 on success). An ``ArbiterError`` is printed as
-        one line on stderr with status 2 instead of a traceback.
+        one line on stderr with status 2 instead of a traceback; Ctrl-C gives one line and 130.
     """
     from .errors import ArbiterError
 
@@ -133,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArbiterError as exc:
         print(f"torch-arbiter: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("torch-arbiter: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

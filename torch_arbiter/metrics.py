@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .errors import InvalidRequestError, OptionalDependencyError
+from ._optional import import_optional
+from .errors import InvalidRequestError
 
 __all__ = ["ArbiterCollector", "MetricsServer", "serve_metrics"]
 
@@ -42,15 +43,8 @@ _COUNTERS = (  # ArbiterStats field -> (metric name without _total, help)
 
 
 def _prometheus():
-    try:
-        import prometheus_client
-        import prometheus_client.core
-    except ImportError as exc:
-        raise OptionalDependencyError(
-            "Prometheus metrics need the prometheus_client package: "
-            "run `pip install 'torch-arbiter[metrics]'` (or `pip install prometheus_client`)"
-        ) from exc
-    return prometheus_client
+    import_optional("prometheus_client.core", "metrics", "Prometheus metrics")
+    return import_optional("prometheus_client", "metrics", "Prometheus metrics")
 
 
 class ArbiterCollector:

@@ -347,6 +347,18 @@ class HoloTensor:
                 f"level {k!r} is outside 0..{self.num_levels} for this HoloTensor "
                 f"{tuple(self.shape)}; pick a level in that range")
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: a table of the levels (bytes, bits per weight, measured error)."""
+        from .._display import holo_view
+
+        return holo_view(self).html()
+
+    def __rich__(self):
+        """rich's view: the same levels table as :meth:`_repr_html_`."""
+        from .._display import holo_view
+
+        return holo_view(self).rich()
+
     def __repr__(self) -> str:
         levels = ", ".join(
             f"{lv['label']}:{lv['bytes'] * 8 / max(1, self._numel()):.2f}bpw"

@@ -362,6 +362,18 @@ class ManagedModel:
                 except Exception as exc:  # the arbiter already forgot it: nothing left to give back
                     _log.debug("allocation release after unpatch skipped: %s", exc)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: quality, bytes, and how many layers hold each kind of level."""
+        from .._display import managed_view
+
+        return managed_view(self).html()
+
+    def __rich__(self):
+        """rich's view: the same table as :meth:`_repr_html_`."""
+        from .._display import managed_view
+
+        return managed_view(self).rich()
+
     def __repr__(self) -> str:
         state = f"quality={self.quality:.3f}" if self._patched else "unpatched"
         return (f"ManagedModel({type(self.model).__name__}, {len(self._layers)} holo layers, {state}, "

@@ -234,7 +234,7 @@ def _load_chat(config: ServeConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.chat_model is None:
-        from .. import models
+        from ..demo import models
 
         model, tokenizer = models.load_smollm2()
         return DEFAULT_CHAT_ID, model, tokenizer, models.smollm2_holo_dir()
@@ -249,7 +249,7 @@ def _load_chat(config: ServeConfig):
 
 def _load_image(config: ServeConfig):
     if config.image_pipeline is None:
-        from .. import models
+        from ..demo import models
 
         return DEFAULT_IMAGE_ID, models.load_digits_ddpm()
     from diffusers import DiffusionPipeline

