@@ -114,7 +114,7 @@ def test_a_patched_conv_model_saves_its_original_weights():
 def test_save_pretrained_of_a_patched_smollm2_reloads_as_the_original(smollm2, smollm2_holo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from torch_arbiter import models
+    from torch_arbiter.demo import models
 
     reference, tokenizer = smollm2
     model, _ = models.load_smollm2()
