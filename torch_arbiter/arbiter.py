@@ -606,7 +606,8 @@ class Arbiter:
             floor = max(a.min_quality, hold.get(a.id, 0.0)) if hold else a.min_quality
             budget = self._budgets.get(a.id)
             if budget is None or (budget.priority, budget.activation_bytes, budget.floor) != (a.priority, a.activation_bytes, floor):
-                budget = QualityBudget(a.id, a.priority, floor, a.full_bytes, a.activation_bytes, a.sequence, a.workload.name)
+                budget = QualityBudget(a.id, a.priority, floor, a.full_bytes, a.activation_bytes, a.sequence,
+                                       a.workload.name, curve=a.request.curve)
                 self._budgets[a.id] = budget
             budgets.append(budget)
         for stale in self._budgets.keys() - self._allocations.keys():
