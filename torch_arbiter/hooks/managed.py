@@ -477,13 +477,13 @@ class ManagedModel:
                 if not self._patched:
                     return
                 self._patched = False
+                self._switch.close()
                 self._unpark_fixed()
                 for handle in self._switch_hooks:
                     handle.remove()
                 remove_holo_swap(self._swapped)
                 for module in self._components.values():
                     module.__dict__.pop(_MARKER, None)
-        self._switch.notify()  # a forward waiting to be re-admitted runs on the original layers
         if self.arbiter is not None:
             if self.allocation is not None and not self.allocation.released:
                 try:

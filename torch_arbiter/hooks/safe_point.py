@@ -90,6 +90,7 @@ class SafePointSwitch(Generic[T]):
         self._entered: dict[int, int] = {}  # thread id -> forwards it entered and has not exited
         self._pending: T | None = None
         self._has_pending = False
+        self._closed = False
 
     @property
     def running(self) -> int:
@@ -157,16 +158,24 @@ class SafePointSwitch(Generic[T]):
             self._idle.wait_for(lambda: self._running == 0)
             yield
 
+    def close(self) -> None:
+        """Stop guarding (the hooks are being removed): later :meth:`enter` calls count nothing."""
+        with self._idle:
+            self._closed = True
+            self._idle.notify_all()
+
     def enter(self) -> None:
         """Mark the start of a guarded forward.
 
         When none runs, what is pending is applied first. While ``ready`` says no, waits
         (applying what arrives) up to ``timeout``, then raises ``timeout_error``. Nothing is
-        counted when this raises.
+        counted when this raises, or once the switch is closed.
         """
         started = None
         with self._lock:
             while True:
+                if self._closed:
+                    return
                 if self._running == 0:
                     self._flush_if_idle_locked(refresh=True)
                 if self._running > 0 or self._ready is None or self._ready():
