@@ -151,6 +151,7 @@ class WorkloadInfo:
     quality: float
     granted_bytes: int
     full_bytes: int
+    held_bytes: int = 0  # what its holder holds now (see Arbiter.held_bytes)
 
 
 @dataclass(frozen=True)
@@ -651,7 +652,8 @@ class Arbiter:
                 pressure=reading.pressure,
                 policy=self.config.policy,
                 workloads=tuple(
-                    WorkloadInfo(a.id, a.name, a.workload.name, a.priority, a.state, a.quality, a.granted_bytes, a.full_bytes)
+                    WorkloadInfo(a.id, a.name, a.workload.name, a.priority, a.state, a.quality, a.granted_bytes, a.full_bytes,
+                                 self._held.get(a.id, 0))
                     for a in sorted(self._allocations.values(), key=lambda a: a.sequence)
                 ),
             )

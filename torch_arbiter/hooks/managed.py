@@ -51,6 +51,10 @@ __all__ = ["ManagedModel", "patch", "managed_model_of"]
 
 _log = logging.getLogger(__name__)
 _MARKER = "_torch_arbiter_managed"
+#: Retries of a forward refused past its budget. Only the first refused allocation of a forward is
+#: known, so one reclaim rarely covers the whole forward: retry k asks 2**k times the shortfall
+#: (``run_with_recovery``'s own rule), and a retry happens only when the arbiter did reclaim.
+_OOM_RETRIES = 3
 
 
 def _components(obj: Any) -> tuple[dict[str, nn.Module], str]:
@@ -410,9 +414,9 @@ class ManagedModel:
         return self.arbiter.workload(allocation)
 
     def _run_forward(self, forward, *args, **kwargs):
-        """Run one top-module forward inside the allocation's workload scope, recovering once
-        from an out-of-memory error there (reclaim from lower priorities, empty the pool caches,
-        retry), then :class:`~torch_arbiter.errors.WorkloadOutOfMemoryError`."""
+        """Run one top-module forward inside the allocation's workload scope, recovering from an
+        out-of-memory error there (reclaim from lower priorities, empty the pool caches, retry, at
+        most :data:`_OOM_RETRIES` times), then :class:`~torch_arbiter.errors.WorkloadOutOfMemoryError`."""
         allocation, arbiter = self.allocation, self.arbiter
         if not self.enforce or arbiter is None or allocation is None or allocation.released:
             return forward(*args, **kwargs)
@@ -425,7 +429,7 @@ class ManagedModel:
             attempts += 1
             return forward(*a, **k)
 
-        result = run_with_recovery(arbiter, allocation, attempt, *args, retries=1, **kwargs)
+        result = run_with_recovery(arbiter, allocation, attempt, *args, retries=_OOM_RETRIES, **kwargs)
         if attempts > 1:
             arbiter._count_oom_recovery()
         return result
@@ -530,8 +534,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             model. Not evaluation data. Ignored with ``holo_dir``.
         enforce: run every top-module forward (and every level switch) inside the allocation's
             workload scope (``arbiter.workload(allocation)``: on CUDA its own memory pool and
-            budget), and recover an out-of-memory error there once: reclaim from lower
-            priorities, empty the pool caches, retry; then
+            budget), and recover an out-of-memory error there: reclaim from lower priorities,
+            empty the pool caches, retry (up to 3 times, while the arbiter can reclaim); then
             :class:`~torch_arbiter.errors.WorkloadOutOfMemoryError` naming who holds what.
             False runs forwards outside any scope (no budget is enforced per allocation). On
             the CPU the scope only selects the workload for the allocator's host backend.
