@@ -11,9 +11,10 @@ committed before the fragments are taken, so it also waits for the others' lower
 - **idle**: no forward runs; the arbiter's applier thread moves both models.
 - **busy**: one thread runs SmolLM2 forwards (8 tokens, no cache) and another the DDPM UNet
   (batch 4) back to back; each model moves at its next safe point, in its own forward thread.
-  There the time a forward waits at its safe point (from a pre-hook registered on the top module
-  before ``patch()`` to one on its first layer) is reported too, for the forwards that applied a
-  change and for all forwards.
+  There the time a forward waits at its safe point is the time its own thread spends applying the
+  new level (timed around the model's switch, with the thread that made it); the way through the
+  safe point of every forward (a pre-hook on the top module registered before ``patch()`` to one
+  on its first layer: the check, the workload scope) is reported too.
 
 Baseline in the same run: the bare ``arbiter.rebalance()`` call (the arbiter's planning, no model
 moving), so the ratio shows what the moves themselves cost.
@@ -52,26 +53,45 @@ def _summary(values: list[float]) -> dict:
 
 
 class _SafePointTimer:
-    """Times a top module's safe point: from a pre-hook registered before ``patch()`` (it runs
-    first) to a pre-hook on its first layer (the forward has passed the safe point)."""
+    """Times a top module's way through its safe point on every forward: from a pre-hook
+    registered before ``patch()`` (it runs first) to a pre-hook on its first layer."""
 
     def __init__(self, module: torch.nn.Module):
-        self.started: dict[int, tuple[float, float | None]] = {}
-        self.waits: list[tuple[float, bool]] = []  # (seconds, a level was applied there)
-        self.level_of = None
+        self.started: dict[int, float] = {}
+        self.waits: list[float] = []
         module.register_forward_pre_hook(self._before)
 
     def _before(self, _module, _args):
-        self.started[threading.get_ident()] = (time.perf_counter(), self.level_of() if self.level_of else None)
+        self.started[threading.get_ident()] = time.perf_counter()
 
-    def after_patch(self, first_layer: torch.nn.Module, level_of) -> None:
-        self.level_of = level_of
+    def after_patch(self, first_layer: torch.nn.Module) -> None:
         first_layer.register_forward_pre_hook(self._after)
 
     def _after(self, _module, _args):
-        started, level = self.started.pop(threading.get_ident(), (None, None))
+        started = self.started.pop(threading.get_ident(), None)
         if started is not None:
-            self.waits.append((time.perf_counter() - started, level != self.level_of()))
+            self.waits.append(time.perf_counter() - started)
+
+
+class _ApplyTimer:
+    """Times every level switch of a model and notes the thread that made it (a forward thread
+    holds its forward at the safe point for that long)."""
+
+    def __init__(self, managed):
+        self.moves: list[tuple[str, float]] = []
+        apply = managed._apply
+
+        def timed(requested):
+            started = time.perf_counter()
+            try:
+                return apply(requested)
+            finally:
+                self.moves.append((threading.current_thread().name, time.perf_counter() - started))
+
+        managed._apply = timed
+
+    def durations(self, thread_name: str) -> list[float]:
+        return [d for name, d in self.moves if name == thread_name] or [0.0]
 
 
 def _rounds(arbiter: Arbiter, managed: list, externals: tuple[int, int], rounds: int) -> list[float]:
@@ -107,11 +127,13 @@ def main() -> None:
                  holo_dir=models.smollm2_holo_dir(), activation_bytes=_RESERVE, progress=False)
     image = patch(pipe, arbiter, workload=WorkloadType.IMAGE_GENERATION, priority=Priority.NORMAL, name="ddpm",
                   activation_bytes=_RESERVE, progress=False)
-    llm_timer.after_patch(llm.model.embed_tokens, lambda: chat.quality)
-    unet_timer.after_patch(pipe.unet.conv_in, lambda: image.quality)
-    # External sizes that move both: 0 (both at full) and a share that lowers both (BALANCED-like
-    # pressure under ADAPTIVE: the LLM, higher priority, keeps more).
-    squeeze = int(0.55 * (llm_full + ddpm_full))
+    llm_timer.after_patch(llm.model.embed_tokens)
+    unet_timer.after_patch(pipe.unet.conv_in)
+    chat_moves, image_moves = _ApplyTimer(chat), _ApplyTimer(image)
+    # Squeezed: room for SmolLM2 at its floor and the DDPM half-way between its floor and full
+    # quality (each model's granted bytes are its curve's steps, so only then do both move).
+    floors = chat.curve[0][1] + image.curve[0][1] + 2 * _RESERVE
+    squeeze = arbiter.state().capacity_bytes - floors - (image.full_bytes - image.curve[0][1]) // 2
     externals = (squeeze, 0)
     managed = [chat, image]
 
@@ -130,19 +152,25 @@ def main() -> None:
     sample = torch.randn(4, 1, 16, 16)
     timestep = torch.tensor([10])
 
+    durations: dict[str, list[float]] = {"llm": [], "unet": []}
+
     def run_llm():
         with torch.no_grad():
             while not stop.is_set():
+                started = time.perf_counter()
                 llm(input_ids=ids, use_cache=False)
+                durations["llm"].append(time.perf_counter() - started)
 
     def run_unet():
         with torch.no_grad():
             while not stop.is_set():
+                started = time.perf_counter()
                 pipe.unet(sample, timestep)
+                durations["unet"].append(time.perf_counter() - started)
 
     llm_timer.waits.clear()
     unet_timer.waits.clear()
-    threads = [threading.Thread(target=run_llm), threading.Thread(target=run_unet)]
+    threads = [threading.Thread(target=run_llm, name="llm-forward"), threading.Thread(target=run_unet, name="unet-forward")]
     for thread in threads:
         thread.start()
     time.sleep(0.5)
@@ -166,20 +194,26 @@ def main() -> None:
         "external_bytes": list(externals), "qualities": qualities, "rounds": args.rounds,
         "rebalance_call_only": _summary(baseline), "idle_change_to_new_level": _summary(idle),
         "busy_change_to_new_level": _summary(busy),
-        "busy_safe_point_wait_applying": {
-            "smollm2": _summary([w for w, moved in llm_timer.waits if moved] or [0.0]),
-            "ddpm_unet": _summary([w for w, moved in unet_timer.waits if moved] or [0.0])},
-        "busy_safe_point_wait_all_forwards": {
-            "smollm2": _summary([w for w, _ in llm_timer.waits]), "ddpm_unet": _summary([w for w, _ in unet_timer.waits])},
+        "switch_in_forward_thread": {"smollm2": _summary(chat_moves.durations("llm-forward")),
+                                     "ddpm": _summary(image_moves.durations("unet-forward"))},
+        "switch_in_applier_thread": {"smollm2": _summary(chat_moves.durations("torch_arbiter-applier")),
+                                     "ddpm": _summary(image_moves.durations("torch_arbiter-applier"))},
+        "busy_safe_point_every_forward": {"smollm2": _summary(llm_timer.waits), "ddpm_unet": _summary(unet_timer.waits)},
+        "busy_forward_duration": {"smollm2": _summary(durations["llm"]), "ddpm_unet": _summary(durations["unet"])},
     }
     rows = [
         ("`arbiter.rebalance()` alone (baseline)", data["rebalance_call_only"]),
         ("idle models: change -> both at new level", data["idle_change_to_new_level"]),
         ("busy models: change -> both at new level", data["busy_change_to_new_level"]),
-        ("busy: SmolLM2 forward waits at a safe point that applies a level", data["busy_safe_point_wait_applying"]["smollm2"]),
-        ("busy: DDPM UNet call waits at a safe point that applies a level", data["busy_safe_point_wait_applying"]["ddpm_unet"]),
-        ("busy: SmolLM2 safe point, every forward", data["busy_safe_point_wait_all_forwards"]["smollm2"]),
-        ("busy: DDPM UNet safe point, every call", data["busy_safe_point_wait_all_forwards"]["ddpm_unet"]),
+        ("SmolLM2 switch made by its forward thread (the forward waits this long at its safe point)",
+         data["switch_in_forward_thread"]["smollm2"]),
+        ("DDPM switch made by its UNet forward thread", data["switch_in_forward_thread"]["ddpm"]),
+        ("SmolLM2 switch made by the applier thread (idle model)", data["switch_in_applier_thread"]["smollm2"]),
+        ("DDPM switch made by the applier thread (idle model)", data["switch_in_applier_thread"]["ddpm"]),
+        ("busy: SmolLM2 safe point, every forward (top pre-hook to first layer)", data["busy_safe_point_every_forward"]["smollm2"]),
+        ("busy: DDPM UNet safe point, every call", data["busy_safe_point_every_forward"]["ddpm_unet"]),
+        ("busy: one SmolLM2 forward (8 tokens), for scale", data["busy_forward_duration"]["smollm2"]),
+        ("busy: one DDPM UNet call (batch 4), for scale", data["busy_forward_duration"]["ddpm_unet"]),
     ]
     base = data["rebalance_call_only"]["median_ms"]
     table = ("| what | n | median (ms) | p99 (ms) | max (ms) | median / baseline |\n|---|---:|---:|---:|---:|---:|\n"
@@ -187,7 +221,7 @@ def main() -> None:
                          f"{s['median_ms'] / base:.1f}x |" for name, s in rows))
     notes = (f"Virtual CPU device of {capacity} bytes (SmolLM2 {chat.full_bytes} B + DDPM {image.full_bytes} B at full "
              f"quality + two {_RESERVE}-byte reserves); each round alternates external bytes {externals[0]} and 0, "
-             f"moving both models (squeezed: {qualities['squeezed']}; full: {qualities['full']}). "
+             f"moving both models (a busy model moves when its running forward ends: see the forward durations) (squeezed: {qualities['squeezed']}; full: {qualities['full']}). "
              "One torch thread. A round ends when `wait_until_settled()` returns: every model committed its level.")
     path = write_results("rebalance_latency", "Rebalance latency: external change to every model at its new level",
                          table, data, notes)
