@@ -96,6 +96,8 @@ class LivePath(RuleBasedStateMachine):
                 allowed = allocation.granted_bytes - allocation.activation_bytes
             else:
                 allowed = 0
+            if not managed.patched:
+                return  # unpatch() began while this forward ran: its layers are being put back
             if weights > allowed and not due:
                 self.violations.append(f"{allocation.name} runs with {weights} B above its grant of {allowed} B")
             if weights == 0:
@@ -202,6 +204,6 @@ def _tiny_full_bytes() -> int:
 def test_what_the_arbiter_grants_is_what_each_model_holds(tiny_holo_dir):
     LivePath.holo_dir = tiny_holo_dir
     runner = LivePath.TestCase()
-    runner.settings = settings(max_examples=30, stateful_step_count=12, deadline=None,
+    runner.settings = settings(max_examples=30, stateful_step_count=20, deadline=None,
                                suppress_health_check=list(HealthCheck))
     runner.runTest()

@@ -338,3 +338,19 @@ def test_a_forward_at_level_zero_outside_patch_is_a_typed_error():
         managed.model[0].forward(torch.randn(1, 128))
     managed._move(1.0)
     managed.unpatch()
+
+
+def test_an_admitted_request_with_wait_false_still_waits_for_the_model_to_let_go(repro):
+    arbiter, model, managed, _ = repro
+    inside, go_on = threading.Event(), threading.Event()
+    hook = model[0].register_forward_pre_hook(_blocking_hook(inside, go_on))
+    runner = threading.Thread(target=lambda: model(torch.randn(1, 512)))
+    runner.start()
+    assert inside.wait(5)
+    threading.Timer(0.1, go_on.set).start()
+    critical = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.CRITICAL, bytes=2_941_747,
+                                                   min_quality=1.0, activation_bytes=0, wait=False, timeout=5)
+    hook.remove()
+    runner.join(5)
+    assert critical.state is AllocationState.ACTIVE and managed.resident_bytes == 0
+    critical.release()

@@ -452,7 +452,7 @@ class Arbiter:
             if self._holds_grant_locked(allocation):
                 self._stats.grants += 1
                 waiter = None
-            elif not request.wait:
+            elif not request.wait and allocation.state is not AllocationState.ACTIVE:
                 del self._allocations[allocation.id]
                 self._forget_locked(allocation.id)
                 allocation.state = AllocationState.RELEASED

@@ -333,7 +333,8 @@ class ManagedModel:
             def held_at(target: float | None) -> int:
                 return 0 if target is None else self._weights_at(max(min(target, self._cap), self.min_quality)) + reserve
 
-            target, generation, _, allowed = arbiter._model_move(allocation, held_at)
+            holding = arbiter.held_bytes().get(allocation.id, 0)
+            target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at)
             if not allowed:
                 return False
             moved = False
@@ -345,6 +346,10 @@ class ManagedModel:
                         self._move(min(target, self._cap))
                 moved = True
             finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
+                if moved and nbytes < holding and str(arbiter.config.device).startswith("cuda"):
+                    from ..allocator import empty_pool_caches
+
+                    empty_pool_caches(arbiter)  # freed blocks stay cached in the pool, charged to it, until emptied
                 arbiter._commit_held(allocation, 0 if self._parked is not None else self.resident_bytes + reserve,
                                      generation if moved else None)
             return True
