@@ -2,11 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.torch-arbiter-installed
-# CPU machines take the pinned CPU build of torch; a machine with an NVIDIA driver takes the default CUDA build.
-TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
+# CPU machines take the pinned CPU build of torch; a machine with an NVIDIA driver takes the default CUDA build
+# (>= 2.8: the allocator's pool mode needs its per-thread routing to a MemPool).
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -23,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The CUDA checks (one GPU, a few minutes); without make: python scripts/gpu_check.py --device 0
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --device 0
 
 clean:
 	rm -rf $(VENV) build *.egg-info torch_arbiter/allocator/*.so torch_arbiter/nn/*.so

@@ -15,7 +15,9 @@ setup(
                 "torch_arbiter/allocator/ledger.h",
             ],
             libraries=["dl", "rt", "pthread"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            # -fexceptions: global mode's out-of-memory handler throws a C++ exception through
+            # torch_arbiter_alloc (see oom.cpp).
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-fexceptions"],
         ),
         Extension(
             "torch_arbiter.nn._holo_kernels",

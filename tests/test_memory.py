@@ -82,3 +82,22 @@ def test_workload_type_defaults():
     assert [w.typical_bytes // GIB for w in WorkloadType] == [8, 6, 12]
     with pytest.raises(InvalidRequestError):
         WorkloadType.custom("x", 1.5, GIB)
+
+
+def test_global_mode_reading_does_not_ask_torch_for_reserved_memory(monkeypatch):
+    """Under install() PyTorch's memory_reserved() raises: the tracker reads the library's live bytes."""
+    from torch_arbiter import allocator
+    from torch_arbiter.allocator import ledger, scope
+
+    def unsupported(device=None):
+        raise RuntimeError("memory_stats is not supported by the CUDAPluggableAllocator")
+
+    live = ledger.AllocatorStats(live_allocs=3, live_bytes=5 * GIB, invalid_args=0, unknown_frees=0,
+                                 refused=0, backend_failures=0, ledger_errors=0, reaped_bytes=0)
+    monkeypatch.setattr(scope, "_installed", True)
+    monkeypatch.setattr(allocator, "stats", lambda: live)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", unsupported)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GIB, 24 * GIB))
+    tracker = GpuMemoryTracker("cuda:0", use_nvml=False)
+    s = tracker.read()
+    assert (s.total_bytes, s.used_bytes, s.external_bytes, s.source) == (24 * GIB, 14 * GIB, 9 * GIB, "torch")

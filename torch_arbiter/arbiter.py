@@ -62,6 +62,9 @@ class ArbiterConfig:
         allow_preemption: a higher-priority request may suspend a lower one.
         monitor_interval_s: poll the device this often and rebalance when other
             processes take or free memory; None disables the monitor.
+        metrics_port: serve Prometheus metrics on ``127.0.0.1:metrics_port`` from the start
+            (0: a free port; see :meth:`Arbiter.serve_metrics`); None serves none. Needs the
+            ``metrics`` extra.
     """
 
     vram_bytes: int | None = None
@@ -71,6 +74,7 @@ class ArbiterConfig:
     fixed_quality: float = 1.0
     allow_preemption: bool = True
     monitor_interval_s: float | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.vram_bytes is not None and (not isinstance(self.vram_bytes, int) or self.vram_bytes <= 0):
@@ -81,6 +85,9 @@ class ArbiterConfig:
             raise InvalidRequestError("reserve_bytes must be smaller than vram_bytes")
         if self.monitor_interval_s is not None and not self.monitor_interval_s > 0:
             raise InvalidRequestError("monitor_interval_s must be > 0 seconds or None")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port <= 65535):
+            raise InvalidRequestError(f"metrics_port must be a TCP port in [0, 65535] or None, got {self.metrics_port!r}")
         CoordinatorConfig(self.policy, self.fixed_quality, self.allow_preemption)
 
     @classmethod
@@ -332,8 +339,11 @@ class Arbiter:
         self._bound: set[int] = set()  # allocations whose holder is a patched model
         self._settled = threading.Condition(self._lock)
         self._applier = _Applier()
+        self._metrics_servers: list = []
         if self.config.monitor_interval_s is not None:
             self.tracker.start_monitor(lambda _stats: self.rebalance(), self.config.monitor_interval_s)
+        if self.config.metrics_port is not None:
+            self.serve_metrics(self.config.metrics_port)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -663,12 +673,42 @@ class Arbiter:
         with self._lock:
             return ArbiterStats(**vars(self._stats))
 
+    def serve_metrics(self, port: int, addr: str = "127.0.0.1"):
+        """Serve this arbiter's Prometheus metrics on ``http://addr:port/metrics`` until :meth:`close`.
+
+        Args:
+            port: TCP port (0: a free one, read it from the result's ``port``).
+            addr: address to bind; the default serves this machine only.
+
+        Returns:
+            The :class:`~torch_arbiter.metrics.MetricsServer`.
+
+        Raises:
+            OptionalDependencyError: ``prometheus_client`` is missing (the ``metrics`` extra).
+            InvalidRequestError: bad or busy port.
+        """
+        from .metrics import serve_metrics
+
+        server = serve_metrics(self, port, addr)
+        with self._lock:
+            self._metrics_servers.append(server)
+        return server
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """The scrape URLs of the metrics servers this arbiter runs (``metrics_port`` or :meth:`serve_metrics`)."""
+        with self._lock:
+            return [server.url for server in self._metrics_servers]
+
     def close(self) -> None:
-        """Stop the memory monitor; further requests fail. Allocations stay readable."""
+        """Stop the memory monitor and the metrics servers; further requests fail. Allocations stay readable."""
         with self._lock:
             self._closed = True
+            servers, self._metrics_servers = self._metrics_servers, []
         self._applier.stop()
         self.tracker.stop_monitor()
+        for server in servers:
+            server.close()
 
     def __enter__(self) -> "Arbiter":
         return self

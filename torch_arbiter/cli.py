@@ -1,7 +1,7 @@
 """The ``torch-arbiter`` command.
 
 Subcommands: ``demo`` (the main job: two real models share one virtual device),
-``convert`` / ``inspect`` (holo checkpoints). Each subcommand is a ``_cmd_*``
+``convert`` / ``inspect`` (holo checkpoints), ``serve`` (the OpenAI-compatible server). Each subcommand is a ``_cmd_*``
 function registered in :func:`_build_parser`.
 """
 
@@ -34,6 +34,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     print(format_summary(summarize(args.path)))
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import ServeConfig, run
+
+    return run(ServeConfig(
+        host=args.host, port=args.port, chat_model=args.chat_model, chat_holo=args.chat_holo,
+        image_pipeline=args.image_pipeline, api_key=args.api_key or os.environ.get("TORCH_ARBITER_API_KEY"),
+        vram_gb=args.vram_gb, device=args.device, idle_decay_s=args.idle_decay_s, max_priority=args.max_priority,
+        max_tokens=args.max_tokens))
 
 
 def _auto_or_int(value: str) -> str | int:
@@ -78,6 +90,27 @@ def _build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="print the summary of a holo checkpoint")
     insp.add_argument("path", help="holo checkpoint directory")
     insp.set_defaults(func=_cmd_inspect)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server: a chat model and an image model on one device")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--chat-model", default=None, metavar="DIR",
+                     help="local transformers chat model dir (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--chat-holo", default=None, metavar="DIR",
+                     help="holo checkpoint of --chat-model from `torch-arbiter convert` (else encoded at start)")
+    srv.add_argument("--image-pipeline", default=None, metavar="DIR",
+                     help="local diffusers pipeline dir (default: the digits DDPM)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (default: $TORCH_ARBITER_API_KEY, else no key)")
+    srv.add_argument("--vram-gb", type=float, default=None,
+                     help="device size (default: the card; on CPU the chat model at full beside the image floor)")
+    srv.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when available)")
+    srv.add_argument("--idle-decay-s", type=float, default=2.0,
+                     help="seconds after its last request before a model decays to BACKGROUND (default 2)")
+    srv.add_argument("--max-priority", default="high",
+                     help="highest priority a request header may ask for (default high)")
+    srv.add_argument("--max-tokens", type=int, default=512, help="most completion tokens per chat request")
+    srv.set_defaults(func=_cmd_serve)
 
     return parser
 

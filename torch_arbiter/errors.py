@@ -22,6 +22,7 @@ __all__ = [
     "WorkloadOutOfMemoryError",
     "ModelNotAvailableError",
     "UnknownFragmentError",
+    "OptionalDependencyError",
 ]
 
 
@@ -82,3 +83,8 @@ class UnknownFragmentError(InvalidRequestError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class OptionalDependencyError(ArbiterError, ImportError):
+    """A feature needs a package from one of torch_arbiter's extras that is not installed (the message
+    names the pip command)."""

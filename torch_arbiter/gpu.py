@@ -5,7 +5,9 @@ the first one that finds a device:
 
 1. NVML (``pynvml`` from the ``nvidia-ml-py`` package): exact total/free bytes, driver,
    compute capability, without creating a CUDA context.
-2. ``torch.cuda`` (also answers on ROCm builds of torch, where ``torch.version.hip`` is set).
+2. ``torch.cuda`` (also answers on ROCm builds of torch, where ``torch.version.hip`` is set),
+   asked in a child process: querying every device in this one would initialise CUDA here
+   (a context on each device), after which ``torch_arbiter.allocator.install()`` is impossible.
 3. ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits``.
 4. ``rocm-smi --showmeminfo vram --showproductname --json``.
 5. amdgpu sysfs (``/sys/class/drm/card*/device/mem_info_vram_*``, PCI vendor 0x1002).
@@ -445,6 +447,24 @@ def _physical_memory_bytes() -> int | None:
         return None
 
 
+#: Seconds the torch.cuda probe may take (importing torch and starting CUDA on each device).
+_TORCH_PROBE_TIMEOUT = 120.0
+
+#: The torch.cuda probe, run in a child process so this one's CUDA stays uninitialised.
+_TORCH_PROBE = """
+import json, torch
+hip = getattr(torch.version, "hip", None)
+rows = []
+for index in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    rows.append({"index": index, "name": p.name, "total": total, "free": free,
+                 "capability": getattr(p, "gcnArchName", None) if hip else f"{p.major}.{p.minor}",
+                 "uuid": str(p.uuid) if hasattr(p, "uuid") else None})
+print(json.dumps(rows))
+"""
+
+
 class GpuDetector:
     """Detect the devices of this machine through a fallback chain (see the module docstring).
 
@@ -530,10 +550,11 @@ class GpuDetector:
             DetectionMethod.CPU_VIRTUAL: self._detect_cpu_virtual,
         }
 
-    def _run(self, argv: Sequence[str]) -> str:
+    def _run(self, argv: Sequence[str], timeout: float | None = None) -> str:
+        timeout = self.timeout if timeout is None else timeout
         if self._runner is not None:
-            return self._runner(argv, self.timeout)
-        return run_command(argv, self.timeout, search_path=self.search_path)
+            return self._runner(argv, timeout)
+        return run_command(argv, timeout, search_path=self.search_path)
 
     def _detect_nvml(self) -> list[GpuInfo]:
         try:
@@ -582,28 +603,28 @@ class GpuDetector:
     def _detect_torch_cuda(self) -> list[GpuInfo]:
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available():  # reads the device count without initialising CUDA
             raise DetectionFailed("torch.cuda.is_available() is False")
+        text = self._run([sys.executable, "-c", _TORCH_PROBE], max(self.timeout, _TORCH_PROBE_TIMEOUT))
+        try:
+            rows = json.loads(text.strip().splitlines()[-1])
+        except (IndexError, ValueError) as exc:
+            raise DetectionFailed(f"the torch.cuda probe printed no device list: {text[-200:]!r}") from exc
         hip = getattr(torch.version, "hip", None)
-        gpus = []
-        for index in range(torch.cuda.device_count()):
-            properties = torch.cuda.get_device_properties(index)
-            free, total = torch.cuda.mem_get_info(index)
-            gpus.append(
-                GpuInfo(
-                    index=index,
-                    name=properties.name,
-                    vendor=GpuVendor.AMD if hip else GpuVendor.NVIDIA,
-                    total_bytes=int(total),
-                    free_bytes=int(free),
-                    driver=None,  # torch knows its CUDA/HIP runtime version, not the driver's
-                    compute_capability=(
-                        getattr(properties, "gcnArchName", None) if hip else f"{properties.major}.{properties.minor}"
-                    ),
-                    uuid=str(properties.uuid) if hasattr(properties, "uuid") else None,
-                    method=DetectionMethod.TORCH_CUDA,
-                )
+        gpus = [
+            GpuInfo(
+                index=row["index"],
+                name=row["name"],
+                vendor=GpuVendor.AMD if hip else GpuVendor.NVIDIA,
+                total_bytes=int(row["total"]),
+                free_bytes=int(row["free"]),
+                driver=None,  # torch knows its CUDA/HIP runtime version, not the driver's
+                compute_capability=row["capability"],
+                uuid=row["uuid"],
+                method=DetectionMethod.TORCH_CUDA,
             )
+            for row in rows
+        ]
         if not gpus:
             raise DetectionFailed("torch.cuda reports no device")
         return gpus

@@ -190,12 +190,26 @@ class GpuMemoryTracker:
                 for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle):
                     if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                         own += proc.usedGpuMemory
-                own = own or torch.cuda.memory_reserved(self.device)
+                own = own or self._own_reserved()
                 return int(info.total), int(info.used), int(own), "nvml"
             except Exception:
                 pass
         free, total = torch.cuda.mem_get_info(self.device)
-        return int(total), int(total - free), int(torch.cuda.memory_reserved(self.device)), "torch"
+        return int(total), int(total - free), int(self._own_reserved()), "torch"
+
+    def _own_reserved(self) -> int:
+        """Bytes this process holds on the device through its CUDA allocator.
+
+        In global mode (``allocator.install()``) PyTorch's ``memory_reserved()`` raises (a
+        pluggable allocator has no memory stats), so the library's own count of live bytes is read.
+        """
+        import torch
+
+        from . import allocator
+
+        if allocator.is_installed():
+            return allocator.stats().live_bytes
+        return torch.cuda.memory_reserved(self.device)
 
     @property
     def pressure(self) -> MemoryPressure:

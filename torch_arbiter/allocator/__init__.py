@@ -14,7 +14,11 @@ Use it through the arbiter::
 
     out = run_with_recovery(arbiter, allocation, model, **inputs)  # + OOM recovery and retry
 
-or globally with :func:`install` at start-up (limits documented there). On a machine without a
+Pool mode needs torch >= 2.8 (per-thread routing to a ``MemPool``); each thread of a workload
+gets its own pool, and a workload's pools are retired (cached segments freed, ledger credited)
+when it is lowered or released and by :func:`empty_pool_caches`. Or globally with
+:func:`install` at start-up (limits documented there; a refusal there is
+``torch.OutOfMemoryError`` too, never a null pointer). On a machine without a
 GPU the host backend (``set_backend("host")``) runs the same code path on malloc, so the
 ledger, attribution and cross-process logic are tested everywhere.
 

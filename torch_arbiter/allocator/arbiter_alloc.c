@@ -126,6 +126,10 @@ int torch_arbiter_set_enforce(int enforce) {
 
 int torch_arbiter_enforce(void) { return atomic_load(&g_enforce); }
 
+static _Atomic(ta_oom_handler) g_oom_handler;
+
+void torch_arbiter_set_oom_handler(ta_oom_handler handler) { atomic_store(&g_oom_handler, handler); }
+
 /* ---- CUDA runtime, resolved at run time ---- */
 
 typedef int (*cuda_malloc_fn)(void **, size_t);
@@ -436,7 +440,7 @@ static int charge_thread(ta_ledger *ledger, int device, uint64_t n, int *slot_ou
     return 0;
 }
 
-void *torch_arbiter_alloc(ssize_t size, int device, ta_stream_t stream) {
+static void *alloc_or_null(ssize_t size, int device, ta_stream_t stream) {
     if (size <= 0 || device < 0 || device >= TA_MAX_DEVICES) {
         if (size < 0 || device < 0 || device >= TA_MAX_DEVICES) {
             atomic_fetch_add(&g_stats.invalid_args, 1);
@@ -462,6 +466,17 @@ void *torch_arbiter_alloc(ssize_t size, int device, ta_stream_t stream) {
         atomic_fetch_add(&g_stats.backend_failures, 1);
         record_refusal(tl_key, (uint64_t)size, 0, 0, device, REFUSE_BACKEND);
         return NULL;
+    }
+    return ptr;
+}
+
+void *torch_arbiter_alloc(ssize_t size, int device, ta_stream_t stream) {
+    ta_oom_handler handler = atomic_load_explicit(&g_oom_handler, memory_order_acquire);
+    if (handler) tl_error[0] = 0; /* the message handed on must be this allocation's */
+    void *ptr = alloc_or_null(size, device, stream);
+    if (!ptr && size > 0 && handler) {
+        if (!tl_error[0]) ta_set_error("%zd bytes on device %d refused", size, device);
+        handler(tl_error); /* does not return */
     }
     return ptr;
 }

@@ -86,6 +86,13 @@ int torch_arbiter_backend(void);
 int torch_arbiter_set_enforce(int enforce);
 int torch_arbiter_enforce(void);
 
+/* Global mode: called (with the reason) instead of returning NULL from torch_arbiter_alloc for a
+ * refused or failed allocation of size > 0; it must not return (oom.cpp throws
+ * c10::OutOfMemoryError, which unwinds through the shim: built with -fexceptions). NULL: return
+ * NULL (pool mode: PyTorch's caching allocator checks the pointer itself). */
+typedef void (*ta_oom_handler)(const char *message);
+void torch_arbiter_set_oom_handler(ta_oom_handler handler);
+
 uint64_t torch_arbiter_set_thread_workload(uint64_t key);
 uint64_t torch_arbiter_thread_workload(void);
 

@@ -11,13 +11,14 @@ One file per technique, in the style of ``diffusers.hooks``: each has a named ho
 """
 
 from .holo_swap import HOLO_SWAP_HOOK, SwappedLayer, apply_holo_swap, find_swappable, remove_holo_swap
-from .managed import ManagedModel, managed_model_of, patch
+from .managed import ManagedModel, managed_model_of, managed_models, patch
 from .safe_point import SAFE_POINT_HOOK, SafePointHandle, SafePointSwitch, apply_safe_point_hook
 
 __all__ = [
     "patch",
     "ManagedModel",
     "managed_model_of",
+    "managed_models",
     "HOLO_SWAP_HOOK",
     "SwappedLayer",
     "apply_holo_swap",

@@ -47,7 +47,7 @@ from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
 
-__all__ = ["ManagedModel", "patch", "managed_model_of"]
+__all__ = ["ManagedModel", "patch", "managed_model_of", "managed_models"]
 
 _log = logging.getLogger(__name__)
 _MARKER = "_torch_arbiter_managed"
@@ -55,6 +55,7 @@ _MARKER = "_torch_arbiter_managed"
 #: known, so one reclaim rarely covers the whole forward: retry k asks 2**k times the shortfall
 #: (``run_with_recovery``'s own rule), and a retry happens only when the arbiter did reclaim.
 _OOM_RETRIES = 3
+_REGISTERED: "weakref.WeakSet[ManagedModel]" = weakref.WeakSet()  # every model attached to an arbiter
 
 
 def _components(obj: Any) -> tuple[dict[str, nn.Module], str]:
@@ -110,6 +111,25 @@ def managed_model_of(obj: Any) -> "ManagedModel | None":
         if ref is not None and ref() is not None:
             return ref()
     return None
+
+
+def managed_models(arbiter: Any = None) -> "list[ManagedModel]":
+    """The patched models registered with ``arbiter`` (with any arbiter when None), oldest first.
+
+    Metrics, the status file of ``torch-arbiter top`` and the notebook views read each model's
+    resident bytes and quality in effect through this, since the arbiter itself only knows
+    allocations.
+
+    Args:
+        arbiter: an :class:`~torch_arbiter.arbiter.Arbiter`, or None for all.
+
+    Returns:
+        The live (still patched, not garbage-collected) models, ordered by allocation id.
+
+    Limits: a model patched with ``register=False`` is not listed.
+    """
+    found = [m for m in list(_REGISTERED) if m.patched and (arbiter is None or m.arbiter is arbiter)]
+    return sorted(found, key=lambda m: m.allocation.id if m.allocation is not None else 0)
 
 
 class ManagedModel:
@@ -466,6 +486,7 @@ class ManagedModel:
             return True if managed is None or not managed.patched else managed._switch.apply_if_idle()
 
         arbiter._bind(allocation, settle)
+        _REGISTERED.add(self)
 
     # -- undo ------------------------------------------------------------------------------------------
 

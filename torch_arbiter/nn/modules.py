@@ -15,8 +15,14 @@ How each level runs (chosen by measurement, see ``bench/bench_nn.py``):
   weight, and the codes are multiplied as integers against the input rounded to int16); from
   there on it decodes the weight in fp32 chunks for torch's matmul. Convs decode their weight,
   embeddings only the rows looked up.
-- everything else (CUDA, a CPU without AVX2, odd shapes): decode-then-compute with torch ops from
-  the fragments, the transient dense weight freed after the call.
+- quantised levels of ``HoloLinear`` on CUDA (sm80+, shapes the kernel takes): torch's int4
+  weight-only kernel (``_weight_int4pack_mm``, see ``_int4.py``) on the rotated input, its packed
+  layout made once in :meth:`set_level` in place of the nibble codes (level 2: both 4-bit stages
+  in one call); from :data:`_INT4_ROWS` input rows on, the level is decoded to a transient bf16
+  weight for one matmul.
+- everything else (convs and embeddings on CUDA, a CPU without AVX2, odd shapes):
+  decode-then-compute with torch ops from the fragments, the transient dense weight freed after
+  the call.
 - the optional fp16 low-rank branch adds ``(x·Rᵀ)·Lᵀ``.
 
 Limits: inference only (no gradients reach the fragments); the level changes only through
@@ -30,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, rotate_input, unpack_nibbles,
-                          unrotate)
-from . import _kernels
+from ..holo.codec import (HoloTensor, dequantize_codes, dequantize_rotated, kernel_scales, residual_scales,
+                          rotate_input, unpack_nibbles, unrotate)
+from . import _int4, _kernels
 
 __all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "cpu_kernels_available"]
 
@@ -41,6 +47,14 @@ __all__ = ["HoloLinear", "HoloConv2d", "HoloEmbedding", "cpu_kernels_available"]
 #: rows times the weight while a matmul's per-row cost falls. Measured on one thread of the
 #: development machine (``bench/bench_nn.py`` keeps the figures).
 _DENSE_ROWS = 10
+
+#: From this many input rows on, a quantised ``HoloLinear`` on CUDA decodes its level to bf16 for
+#: one matmul instead of running torch's int4 kernel (tinygemm is built for few rows). An estimate
+#: not yet measured on a GPU: ``scripts/gpu_check.py`` prints both sides at 1 and 2048 rows.
+_INT4_ROWS = 32
+
+#: Device types whose quantised ``HoloLinear`` levels run torch's int4 kernel.
+_INT4_DEVICE_TYPES = ("cuda",)
 
 #: Bytes of fp32 weight rows decoded at a time on that dense path (a 49152x576 head is decoded
 #: in 4 MiB pieces, not as one 113 MB transient).
@@ -147,7 +161,7 @@ class _HoloModule(nn.Module):
     def _hold(self, k: int, device: torch.device) -> None:
         self._resident, self._codes = {}, None  # release first: old and new levels never held together
         self._resident = self._build(k, device) if k > 0 else {}
-        if k < self.num_levels and self._resident:
+        if k < self.num_levels and "hi" in self._resident:
             self._codes = _kernels.codes_for(self._resident, self.holo.meta, k)
 
     def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -171,15 +185,27 @@ class _HoloModule(nn.Module):
         if codes is not None:
             return _kernels.weight_rows(codes, ids)
         meta, resident = self.holo.meta, self._resident
-        hi, scales, lo, ratio = resident["hi"], resident["scales"], resident.get("lo"), resident.get("lo_ratio")
+        hi, lo = self._nibble_codes()
+        scales, ratio = resident["scales"], resident.get("lo_ratio")
         if ids is not None:
             if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < hi.shape[0]:
                 raise IndexError(f"index out of range: ids must be in 0..{hi.shape[0] - 1}")
             hi, scales = hi[ids], scales[:, ids]
             lo, ratio = (lo[ids], ratio[:, ids]) if lo is not None else (None, None)
-        lo_stage = (unpack_nibbles(lo), ratio) if lo is not None else None
-        values = dequantize_codes(unpack_nibbles(hi), scales, lo_stage, meta["group_size"], torch.float32)
+        lo_stage = (lo, ratio) if lo is not None else None
+        values = dequantize_codes(hi, scales, lo_stage, meta["group_size"], torch.float32)
         return unrotate(values, resident["signs"], meta["block"])[:, : meta["in_features"]]
+
+    def _nibble_codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unpacked 4-bit codes ``uint8 [out, Kp]`` of the level's stages (``lo`` None at level 1)."""
+        resident, padded = self._resident, self.holo.meta["padded_features"]
+        if "int4_codes" not in resident:
+            lo = resident.get("lo")
+            return unpack_nibbles(resident["hi"]), (unpack_nibbles(lo) if lo is not None else None)
+        codes = resident["int4_codes"]
+        width = padded * (2 if self._level >= 2 else 1)
+        codes = _int4.unpack(codes, self.holo.shape[0], width, _int4.layout(codes.device, _int4.inner_k_tiles(width)))
+        return codes[:, :padded], (codes[:, padded:] if self._level >= 2 else None)
 
     def _original_weight(self) -> nn.Parameter:
         # The exact fragment itself (no copy): restoring a model must not double its memory.
@@ -260,6 +286,23 @@ class HoloLinear(_HoloModule):
         linear.bias = self._original_bias()
         return linear.to(self._device_probe.device)
 
+    def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        resident = super()._build(k, device)
+        if k == self.num_levels or device.type not in _INT4_DEVICE_TYPES:
+            return resident
+        meta = self.holo.meta
+        width = meta["padded_features"] * (2 if k >= 2 else 1)
+        if (not _int4.available(device)
+                or not _int4.supported(self.out_features, width, meta["group_size"])
+                or _int4.layout(device, _int4.inner_k_tiles(width)) is None):
+            return resident
+        # torch's packed layout replaces the nibble codes (same bytes); both stages side by side.
+        codes = unpack_nibbles(resident.pop("hi"))
+        if "lo" in resident:
+            codes = torch.cat([codes, unpack_nibbles(resident.pop("lo"))], dim=1)
+        resident["int4_codes"] = _int4.pack(codes)
+        return resident
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_level.T + bias`` over the last dimension of ``x``."""
         self._check_runnable(self._level)
@@ -268,7 +311,9 @@ class HoloLinear(_HoloModule):
         meta = self.holo.meta
         flat = x.reshape(-1, self.in_features)
         codes = self._codes
-        if codes is not None:
+        if "int4_codes" in self._resident:
+            out = self._int4_forward(flat).to(x.dtype)
+        elif codes is not None:
             rows = flat.float().contiguous()
             if rows.shape[0] < _DENSE_ROWS and codes.fused:
                 out = _kernels.linear(codes, rows)
@@ -282,6 +327,22 @@ class HoloLinear(_HoloModule):
             out = F.linear(rotated, dequantize_rotated(self._resident, meta, self._level, x.dtype))
         out = self._add_rank_and_bias(out, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _int4_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """``rot(x) · W_levelᵀ`` in bf16 from the packed codes: the int4 kernel, or decode + matmul."""
+        meta, resident = self.holo.meta, self._resident
+        padded, group = meta["padded_features"], meta["group_size"]
+        rotated = rotate_input(_padded(flat, padded), resident["signs"], meta["block"]).to(torch.bfloat16)
+        if flat.shape[0] < _INT4_ROWS:
+            scales = resident["scales"].to(torch.bfloat16)
+            pairs = kernel_scales(scales)
+            if self._level >= 2:  # the second stage reads the same input: [x, x] against [hi | lo]
+                pairs = torch.cat([pairs, kernel_scales(residual_scales(scales, resident["lo_ratio"]))])
+                rotated = torch.cat([rotated, rotated], dim=-1)
+            return _int4.matmul(rotated, resident["int4_codes"], group, pairs.contiguous())
+        hi, lo = self._nibble_codes()
+        lo_stage = (lo, resident["lo_ratio"]) if lo is not None else None
+        return F.linear(rotated, dequantize_codes(hi, resident["scales"], lo_stage, group, torch.bfloat16))
 
     def _add_rank_and_bias(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         if self.holo.rank:
