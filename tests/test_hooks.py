@@ -362,6 +362,7 @@ def test_arbiter_rebalances_move_the_model_and_unpatch_releases_it():
     assert managed.quality == pytest.approx(max(allocation.quality, managed.min_quality))
     assert managed.resident_bytes == managed.bytes_at(allocation.quality) <= managed.full_bytes * 0.5 + 1
     big.release()
+    assert arbiter.wait_until_settled(5)  # the idle model is raised by the arbiter's applier thread
     assert allocation.quality == 1.0 and managed.quality == 1.0
     assert managed.resident_bytes == managed.full_bytes
     managed.unpatch()

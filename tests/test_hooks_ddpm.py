@@ -119,6 +119,7 @@ def test_the_arbiter_lowers_a_low_priority_pipeline(fresh_digits_ddpm, reference
         lowered = sample_digits(pipeline)
         assert 20.0 < models.psnr(lowered, reference_images) < math.inf
         chat.release()
+        assert arbiter.wait_until_settled(30)  # the idle pipeline is raised by the arbiter's applier thread
         assert managed.quality == 1.0
         assert np.array_equal(sample_digits(pipeline), reference_images)
     finally:

@@ -98,9 +98,21 @@ def test_conv_every_level_and_round_trip():
 
 def test_bad_levels_and_inputs_raise():
     holo = HoloLinear.from_linear(nn.Linear(64, 64))
-    for bad in (0, 4, -1, "2"):
+    for bad in (4, -1, "2"):
         with pytest.raises(InvalidRequestError):
             holo.set_level(bad)
+
+
+def test_level_zero_releases_the_weight_and_refuses_a_forward_until_a_level_is_set():
+    layer = HoloLinear.from_linear(nn.Linear(64, 64))
+    x = torch.randn(2, 64)
+    reference = layer(x)
+    layer.set_level(0)
+    assert layer.resident_bytes == 0 and layer.level == 0
+    with pytest.raises(InvalidRequestError, match="suspended"):
+        layer(x)
+    layer.set_level(layer.num_levels)  # from the host copy of its fragments, no re-encoding
+    assert torch.equal(layer(x), reference)
     with pytest.raises(InvalidRequestError):
         HoloLinear.from_linear(nn.Conv2d(3, 3, 1))
     with pytest.raises(InvalidRequestError):

@@ -304,7 +304,8 @@ def test_a_preempted_forward_is_retried_and_the_request_completes():
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from torch_arbiter import PreemptedError, models
+    from torch_arbiter import PreemptedError
+    from torch_arbiter.demo import models
     from torch_arbiter.serve.runners import ChatJob, ChatRunner
 
     tokenizer = AutoTokenizer.from_pretrained(models.smollm2_holo_dir(), local_files_only=True)

@@ -44,7 +44,8 @@ class AllocationRequest:
         bytes: full-quality weight bytes; None takes the kind's typical size.
         min_quality: the floor; None takes the kind's floor.
         timeout: seconds to wait for memory; None waits for ever.
-        wait: False fails at once when memory is short.
+        wait: False fails at once when its floor does not fit (an admitted request still waits,
+            up to ``timeout``, for models lowered for it to let go of the memory).
         name: shown in state and stats; defaults to the kind's name.
         curve: optional sorted ``(quality, bytes)`` points the model really needs;
             its first point raises the floor to the lowest quality the model can run at.

@@ -164,6 +164,7 @@ class WorkloadInfo:
     quality: float
     granted_bytes: int
     full_bytes: int
+    held_bytes: int = 0  # what its holder holds now (see Arbiter.held_bytes)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,76 @@ def _resolve(future: "asyncio.Future[None]") -> None:
 Listener = Callable[[list[QualityChange]], None]
 
 
+class _Applier:
+    """One thread per arbiter that applies new levels to models that are idle.
+
+    A model that is running applies its new level itself, in its forward's thread, at its next
+    safe point; one that is idle is moved here, never in the thread that caused the rebalance
+    (a caller's event loop, another model's forward, the memory monitor). ``settle()``
+    callables return True when their model has nothing left to apply; the others (a raise
+    whose memory is still held by someone else, a model busy in a forward) are tried again at
+    every wake-up. The thread holds no reference to the arbiter, so an arbiter stays collectable.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._settles: dict[int, Callable[[], bool]] = {}
+        self._dirty: set[int] = set()
+        self._blocked: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._epoch = 0  # wake-ups so far: one that lands while settling is not lost
+
+    def bind(self, key: int, settle: Callable[[], bool]) -> None:
+        with self._cond:
+            self._settles[key] = settle
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="torch_arbiter-applier", daemon=True)
+                self._thread.start()
+
+    def unbind(self, key: int) -> None:
+        with self._cond:
+            self._settles.pop(key, None)
+            self._dirty.discard(key)
+            self._blocked.discard(key)
+
+    def wake(self, keys: "set[int] | None" = None) -> None:
+        """Settle ``keys`` (None: memory was freed, so retry the blocked ones)."""
+        with self._cond:
+            if keys:
+                self._dirty.update(k for k in keys if k in self._settles)
+            self._epoch += 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        seen = 0
+        while True:
+            with self._cond:
+                while not self._dirty and self._epoch == seen and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                seen = self._epoch
+                keys = self._dirty | self._blocked
+                self._dirty, self._blocked = set(), set()
+                work = [(k, self._settles[k]) for k in sorted(keys) if k in self._settles]
+            for key, settle in work:
+                try:
+                    done = settle()
+                except Exception:  # a model that fails to move must not stop the others
+                    _log.exception("torch_arbiter: applying a new level to allocation %d failed", key)
+                    done = True
+                if not done:
+                    with self._cond:
+                        if key in self._settles:
+                            self._blocked.add(key)
+
+
 class Arbiter:
     """Grants device memory to workloads and keeps every workload's quality up to date.
 
@@ -264,6 +335,16 @@ class Arbiter:
         self._next_id = 1
         self._stats = ArbiterStats()
         self._closed = False
+        # What each allocation holds now (weights + activation reserve), as its holder reported:
+        # a patched model commits its bytes (see _settle_model); a bare allocation holds its
+        # grant once the others made room. Raising waits for room, so the sum stays within the
+        # capacity (up to an external process taking memory before the models lower).
+        self._held: dict[int, int] = {}
+        self._generation: dict[int, int] = {}  # bumps when an allocation's target changes
+        self._applied: dict[int, int] = {}  # the generation each patched model last committed
+        self._bound: set[int] = set()  # allocations whose holder is a patched model
+        self._settled = threading.Condition(self._lock)
+        self._applier = _Applier()
         self._metrics_servers: list = []
         if self.config.monitor_interval_s is not None:
             self.tracker.start_monitor(lambda _stats: self.rebalance(), self.config.monitor_interval_s)
@@ -356,8 +437,12 @@ class Arbiter:
         except ArbiterError as exc:
             return AllocationResult(request, None, exc, time.monotonic() - started)
 
-    def _allocate_blocking(self, request: AllocationRequest) -> Allocation:
-        allocation, waiter = self._submit(request)
+    def _request_bound_blocking(self, workload, priority, **options: object) -> Allocation:
+        """:meth:`request_allocation_blocking` for a patched model, which commits its own bytes."""
+        return self._allocate_blocking(AllocationRequest.build(workload, priority, **options), bound=True)
+
+    def _allocate_blocking(self, request: AllocationRequest, *, bound: bool = False) -> Allocation:
+        allocation, waiter = self._submit(request, bound=bound)
         if waiter is None:
             return allocation
         started = time.monotonic()
@@ -368,7 +453,7 @@ class Arbiter:
             waiter.event.wait(remaining)
         return allocation
 
-    def _submit(self, request: AllocationRequest) -> tuple[Allocation, _Waiter | None]:
+    def _submit(self, request: AllocationRequest, *, bound: bool = False) -> tuple[Allocation, _Waiter | None]:
         with self._lock:
             self._check_open()
             limit = self._capacity_limit()
@@ -383,12 +468,15 @@ class Arbiter:
             allocation = Allocation(self, self._next_id, request, self._next_id)
             self._next_id += 1
             self._allocations[allocation.id] = allocation
+            if bound:
+                self._bound.add(allocation.id)
             changes = self._rebalance_locked()
-            if allocation.state is AllocationState.ACTIVE:
+            if self._holds_grant_locked(allocation):
                 self._stats.grants += 1
                 waiter = None
-            elif not request.wait:
+            elif not request.wait and allocation.state is not AllocationState.ACTIVE:
                 del self._allocations[allocation.id]
+                self._forget_locked(allocation.id)
                 allocation.state = AllocationState.RELEASED
                 self._stats.failures += 1
                 changes += self._rebalance_locked()
@@ -404,14 +492,16 @@ class Arbiter:
         return allocation, waiter
 
     def _claim(self, allocation: Allocation, waiter: _Waiter, started: float) -> bool:
-        """Take the grant if the allocation is active now; else re-arm the waiter.
+        """Take the grant if the allocation is active and its bytes are free now; else re-arm the waiter.
 
         A wake-up is only a hint: between it and this check another rebalance may have
         suspended the allocation again, so the state is checked under the lock, and the
         waiter is cleared there too (wakes happen under the same lock, so none is lost).
+        A bare allocation (no patched model behind it) is handed out only once the models
+        lowered for it have passed their safe points, so its bytes are really free.
         """
         with self._lock:
-            if allocation.state is AllocationState.ACTIVE:
+            if self._holds_grant_locked(allocation):
                 self._waiters.pop(allocation.id, None)
                 self._stats.total_wait_s += time.monotonic() - started
                 self._stats.grants += 1
@@ -435,6 +525,7 @@ class Arbiter:
         with self._lock:
             self._waiters.pop(allocation.id, None)
             self._allocations.pop(allocation.id, None)
+            self._forget_locked(allocation.id)
             allocation.state = AllocationState.RELEASED
             allocation.quality, allocation.granted_bytes = 0.0, 0
             self._stats.failures += 1
@@ -456,6 +547,7 @@ class Arbiter:
         with self._lock:
             target = self._resolve(allocation)
             del self._allocations[target.id]
+            self._forget_locked(target.id)
             self._waiters.pop(target.id, None)
             target.state = AllocationState.RELEASED
             target.quality, target.granted_bytes = 0.0, 0
@@ -505,6 +597,9 @@ class Arbiter:
             if not all(plan[k].admitted for k in active) or plan[target.id].granted_bytes < wanted:
                 target.activation_bytes -= nbytes
                 return False
+            # In use now, by the forward that ran out: the others lower at their next safe point.
+            if target.id in self._held:
+                self._held[target.id] += nbytes
             changes = self._apply_locked(plan)
         self._notify(changes)
         return True
@@ -579,7 +674,8 @@ class Arbiter:
                 pressure=reading.pressure,
                 policy=self.config.policy,
                 workloads=tuple(
-                    WorkloadInfo(a.id, a.name, a.workload.name, a.priority, a.state, a.quality, a.granted_bytes, a.full_bytes)
+                    WorkloadInfo(a.id, a.name, a.workload.name, a.priority, a.state, a.quality, a.granted_bytes, a.full_bytes,
+                                 self._held.get(a.id, 0))
                     for a in sorted(self._allocations.values(), key=lambda a: a.sequence)
                 ),
             )
@@ -622,6 +718,7 @@ class Arbiter:
         with self._lock:
             self._closed = True
             servers, self._metrics_servers = self._metrics_servers, []
+        self._applier.stop()
         self.tracker.stop_monitor()
         for server in servers:
             server.close()
@@ -674,7 +771,8 @@ class Arbiter:
             floor = max(a.min_quality, hold.get(a.id, 0.0)) if hold else a.min_quality
             budget = self._budgets.get(a.id)
             if budget is None or (budget.priority, budget.activation_bytes, budget.floor) != (a.priority, a.activation_bytes, floor):
-                budget = QualityBudget(a.id, a.priority, floor, a.full_bytes, a.activation_bytes, a.sequence, a.workload.name)
+                budget = QualityBudget(a.id, a.priority, floor, a.full_bytes, a.activation_bytes, a.sequence,
+                                       a.workload.name, curve=a.request.curve)
                 self._budgets[a.id] = budget
             budgets.append(budget)
         for stale in self._budgets.keys() - self._allocations.keys():
@@ -688,6 +786,7 @@ class Arbiter:
     def _apply_locked(self, plan) -> list[QualityChange]:
         started = time.perf_counter()
         changes = []
+        moved: set[int] = set()
         for alloc in self._allocations.values():
             target = plan[alloc.id]
             old_q, old_b, old_state = alloc.quality, alloc.granted_bytes, alloc.state
@@ -702,6 +801,10 @@ class Arbiter:
                 alloc.state = AllocationState.SUSPENDED
                 alloc.quality, alloc.granted_bytes = 0.0, 0
                 self._stats.preemptions += 1
+            if alloc.state is not old_state or alloc.quality != old_q:
+                self._generation[alloc.id] = self._generation.get(alloc.id, 0) + 1
+                if alloc.id in self._bound:
+                    moved.add(alloc.id)
             if old_state is AllocationState.WAITING or alloc.quality == old_q:
                 continue
             if alloc.quality < old_q:
@@ -710,10 +813,152 @@ class Arbiter:
                 self._stats.quality_increases += 1
             changes.append(QualityChange(alloc, old_q, alloc.quality, old_b, alloc.granted_bytes))
         self.tracker.set_granted(sum(a.granted_bytes for a in self._allocations.values()))
+        self._sync_bare_locked()
+        if moved:
+            self._applier.wake(moved)
         self._stats.rebalances += 1
         self._stats.last_rebalance_s = time.perf_counter() - started
         changes.sort(key=lambda c: not c.lowered)
         return changes
+
+    # ---- what each allocation holds (the live path) -------------------------------------------
+
+    def _holds_grant_locked(self, allocation: Allocation) -> bool:
+        if allocation.state is not AllocationState.ACTIVE:
+            return False
+        return allocation.id in self._bound or self._held.get(allocation.id, 0) >= allocation.granted_bytes
+
+    def _forget_locked(self, key: int) -> None:
+        freed = self._held.pop(key, 0)
+        self._generation.pop(key, None)
+        self._applied.pop(key, None)
+        if key in self._bound:
+            self._bound.discard(key)
+            self._applier.unbind(key)
+        if freed:
+            self._sync_bare_locked()
+            self._applier.wake()
+        self._settled.notify_all()
+
+    def _room_locked(self, key: int) -> int:
+        """Bytes allocation ``key`` may hold now: the capacity minus what all the others hold."""
+        return self._capacity(self.tracker.read()) - (sum(self._held.values()) - self._held.get(key, 0))
+
+    def _sync_bare_locked(self) -> None:
+        """Bare allocations hold their grant: at once when it shrank, once there is room when it grew."""
+        bare = [a for a in self._allocations.values() if a.id not in self._bound]
+        for a in bare:
+            grant = a.granted_bytes if a.state is AllocationState.ACTIVE else 0
+            if grant <= self._held.get(a.id, 0):
+                self._held[a.id] = grant
+        for a in sorted(bare, key=lambda a: (-a.priority, a.sequence)):
+            if a.state is AllocationState.ACTIVE and self._held.get(a.id, 0) < a.granted_bytes:
+                if a.granted_bytes <= self._room_locked(a.id):
+                    self._held[a.id] = a.granted_bytes
+                    if a.id in self._waiters:
+                        self._waiters[a.id].wake()
+        self._settled.notify_all()
+
+    def _bind(self, allocation: Allocation, settle: Callable[[], bool]) -> None:
+        """Let a patched model hold ``allocation``: it commits its own bytes, and ``settle()``
+        (applies the newest target if the model is idle; True when nothing is left) is called
+        by the applier thread whenever its target changes or memory is freed."""
+        with self._lock:
+            self._bound.add(allocation.id)
+            self._applier.bind(allocation.id, settle)
+            self._applier.wake({allocation.id})
+
+    def _stale(self, allocation: Allocation) -> bool:
+        """True when the allocation's target changed since its model last committed (lock-free read)."""
+        key = allocation.id
+        return key in self._allocations and self._applied.get(key) != self._generation.get(key)
+
+    def _model_move(self, allocation: Allocation, held_at: Callable[["float | None"], int]):
+        """Decide a patched model's next move, under the lock.
+
+        Args:
+            allocation: the model's allocation.
+            held_at: bytes the model holds (weights + reserve) at a quality, or 0 at None (parked).
+
+        Returns:
+            ``(target quality or None when it must hold nothing, generation, bytes, allowed)``.
+            A raise is allowed only when the others leave room, and is then committed at once
+            (before the model takes the memory); a lowering is always allowed and is committed
+            by :meth:`_commit_held` once the memory is freed.
+        """
+        with self._lock:
+            key = allocation.id
+            active = key in self._allocations and allocation.state is AllocationState.ACTIVE
+            target = allocation.quality if active else None
+            generation = self._generation.get(key, -1)
+            nbytes = held_at(target)
+            if nbytes <= self._held.get(key, 0):
+                return target, generation, nbytes, True
+            if key not in self._allocations or nbytes > self._room_locked(key):
+                return target, generation, nbytes, False
+            self._held[key] = nbytes
+            self._applied[key] = generation
+            return target, generation, nbytes, True
+
+    def _commit_held(self, allocation: Allocation, nbytes: int, generation: int | None) -> None:
+        """A patched model now holds ``nbytes``, at target ``generation`` (None: its move failed,
+        so its target stays due)."""
+        with self._lock:
+            key = allocation.id
+            if key not in self._allocations:
+                return
+            freed = self._held.get(key, 0) > nbytes
+            self._held[key] = nbytes
+            if generation is not None:
+                self._applied[key] = generation
+            else:
+                self._applied.pop(key, None)
+            if freed:
+                self._sync_bare_locked()
+                self._applier.wake()
+            self._settled.notify_all()
+
+    def _settled_locked(self) -> bool:
+        for a in self._allocations.values():
+            if a.id in self._bound:
+                if self._applied.get(a.id) != self._generation.get(a.id):
+                    return False
+            elif a.state is AllocationState.ACTIVE and self._held.get(a.id, 0) != a.granted_bytes:
+                return False
+        return True
+
+    def _wait_applied(self, allocation: Allocation, timeout: float | None) -> bool:
+        """Wait until the model behind ``allocation`` committed its newest target (or it is gone)."""
+        key = allocation.id
+        with self._lock:
+            return self._settled.wait_for(
+                lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key), timeout)
+
+    def _count_oom_recovery(self) -> None:
+        with self._lock:
+            self._stats.oom_recoveries += 1
+
+    def wait_until_settled(self, timeout: float | None = None) -> bool:
+        """Block until every allocation holds what it was granted: each patched model at its
+        granted level (or parked when suspended), each bare grant handed out.
+
+        Args:
+            timeout: seconds to wait at most (None: for ever).
+
+        Returns:
+            True when settled, False on timeout. Limits: a model whose forward never ends
+            never reaches its safe point, so never settles.
+        """
+        with self._lock:
+            return self._settled.wait_for(self._settled_locked, timeout)
+
+    def held_bytes(self) -> dict[int, int]:
+        """What each allocation holds now by id (weights + activation reserve), as committed by
+        its holder: a patched model commits a raise before taking the memory and a lowering after
+        freeing it, so the real bytes never exceed these. Their sum stays within the capacity,
+        except while models lower after another process took memory."""
+        with self._lock:
+            return {key: self._held.get(key, 0) for key in self._allocations}
 
     def _notify(self, changes: list[QualityChange]) -> None:
         if not changes:

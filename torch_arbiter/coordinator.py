@@ -16,7 +16,10 @@ The rule, in two phases:
 2. **Raising.** What is left is given out by the policy (see
    :class:`~torch_arbiter.quality.QualityPolicy`): groups are raised in order,
    each by an exact water-fill (all members of a group reach the same quality
-   unless their floor is above it or their ``max_quality`` below it).
+   unless their floor is above it or their ``max_quality`` below it). A member
+   with a step curve (a patched model) moves only from step to step, so it is
+   granted exactly the bytes its model will hold; a step that does not fit stops
+   it, and what it leaves over goes to the other members and then the next groups.
 
 Consequences that the property tests check: granted bytes never exceed the
 capacity; every admitted workload is at or above its floor; under ``ADAPTIVE``
@@ -27,6 +30,7 @@ anyone.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -96,8 +100,9 @@ class Coordinator:
         Raises:
             InvalidRequestError: duplicate keys or a negative capacity.
 
-        Limits: O(n log n) in the number of workloads; qualities are real
-        numbers, the model layer rounds them down to its levels.
+        Limits: O(s log s) in the number of workloads plus curve steps; a
+        workload without a curve gets a real-valued quality (its granted bytes
+        are ``int(q * full_bytes)``), one with a curve gets one of its steps.
         """
         if capacity_bytes < 0:
             raise InvalidRequestError(f"capacity must be >= 0, got {capacity_bytes}")
@@ -164,39 +169,70 @@ class Coordinator:
 
 
 def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: int) -> int:
-    """Raise ``group`` to a common level with at most ``left`` bytes; return the bytes charged.
+    """Raise ``group`` towards a common level with at most ``left`` bytes; return the bytes charged.
 
-    Each member's cost is linear in quality (``full_bytes`` per unit) between its
-    current quality and its ``max_quality``, so the group's cost is piecewise
-    linear in the common level: sweep the sorted breakpoints once, keeping the
-    slope, and solve the last piece exactly (O(n log n)).
+    A member without a curve costs ``full_bytes`` per unit of quality (linear) up to its
+    ``max_quality``; a member with a curve costs the jump of each step it reaches. Sweeping
+    the sorted breakpoints once (O(n log n) in members and steps) raises the common level:
+    linear members follow it, a curve member takes each of its steps as the level reaches it
+    while the step fits. A step that does not fit stops that member for good (what is left
+    only shrinks), and the sweep goes on, so the bytes it leaves over go to the members whose
+    next steps are smaller. The linear members' level is solved exactly on the last piece.
     """
-    members = [b for b in group if b.full_bytes > 0 and quality[b.key] < b.max_quality]
+    members = [b for b in group if quality[b.key] < b.max_quality and (b.curve or b.full_bytes > 0)]
     if left <= 0 or not members:
         return 0
-    events = sorted(
-        [(quality[b.key], b.full_bytes) for b in members] + [(b.max_quality, -b.full_bytes) for b in members],
-        key=lambda e: e[0],
-    )
-    level, cost, slope = events[0][0], 0.0, 0
-    for position, delta in events:
-        step = slope * (position - level)
-        if cost + step > left:
-            level += (left - cost) / slope
-            cost = left
-            break
-        cost += step
+    events: list[tuple[float, int, int, int]] = []  # (level, 0 = slope change / 1 = step, member, bytes)
+    linear = []
+    for index, b in enumerate(members):
+        start = quality[b.key]
+        if b.curve:
+            first = bisect.bisect_right(b._curve_qualities, start)
+            held = b.curve[max(0, first - 1)][1]
+            for q, nbytes in b.curve[first:]:
+                if q > b.max_quality:
+                    break
+                events.append((q, 1, index, nbytes - held))  # a free step (same bytes) is taken too
+                held = nbytes
+        else:
+            linear.append(b)
+            events.append((start, 0, index, b.full_bytes))
+            events.append((b.max_quality, 0, index, -b.full_bytes))
+    events.sort()
+    level = min(quality[b.key] for b in members)
+    cost, slope = 0.0, 0
+    stepped = 0
+    stopped = [False] * len(members)
+    for position, kind, index, delta in events:
+        if slope:
+            run = slope * (position - level)
+            if cost + run > left:
+                level += (left - cost) / slope
+                cost = left
+                break
+            cost += run
         level = position
-        slope += delta
-    base = [(b, quality[b.key]) for b in members]
+        if kind == 0:
+            slope += delta
+        elif not stopped[index]:
+            if cost + delta <= left:
+                cost += delta
+                stepped += delta
+                quality[members[index].key] = position
+            else:
+                stopped[index] = True
+    if not linear:
+        return stepped
+    base = [(b, quality[b.key]) for b in linear]
     before = sum(b.bytes_at(q) for b, q in base)
+    linear_left = left - stepped
 
     def raise_to(target: float) -> tuple[list, int]:
         raised = [(b, min(max(q, target), b.max_quality)) for b, q in base]
         return raised, sum(b.bytes_at(q) for b, q in raised) - before
 
     raised, granted = raise_to(level)
-    if granted > left:
+    if granted > linear_left:
         # The exact solution overshot (floating point, or integer grants a byte per member above
         # the real-valued cost): bisect down to the highest level that fits. The lowest starting
         # quality raises nobody, so it always fits; 64 halvings exhaust a double's precision.
@@ -205,7 +241,7 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
         for _ in range(64):
             middle = (low + high) / 2
             candidate, charged = raise_to(middle)
-            if charged <= left:
+            if charged <= linear_left:
                 low, raised, granted = middle, candidate, charged
             else:
                 high = middle
@@ -214,4 +250,4 @@ def _water_fill(group: list[QualityBudget], quality: dict[object, float], left: 
     # Charge the group at least its real-valued cost, so that rounding crumbs never pass to a
     # lower group ahead of a higher one, and at least its integer grants (truncating the
     # starting quality can make those a byte per member more), so the total never overshoots.
-    return min(left, max(granted, math.ceil(cost)))
+    return min(left, max(stepped + granted, math.ceil(cost)))

@@ -50,7 +50,8 @@ class AllocationTimeoutError(ArbiterError, TimeoutError):
 
 
 class PreemptedError(ArbiterError):
-    """A waiting request was cancelled because a higher-priority workload took its place."""
+    """A workload was suspended for a higher-priority one and not re-admitted in time: a patched
+    model's forward waited past its ``patch(timeout=...)`` while the model held no memory."""
 
 
 class CorruptFragmentError(ArbiterError):

@@ -11,16 +11,27 @@ layers that stay exact included) that may be resident. The layers that are not s
 levels that measure best per byte. Below :attr:`ManagedModel.min_quality` (every Holo layer at
 its lowest level) the model cannot shrink further: lower requests apply ``min_quality``.
 
-The arbiter's rebalances reach the model through a listener: each ``QualityChange`` of this
-model's allocation becomes a :meth:`ManagedModel.set_quality`, applied at the next safe point.
+The arbiter's targets reach the model in its own context: the thread running its forward
+applies the newest target at its next safe point, and the arbiter's applier thread does so when
+the model is idle (never the thread that caused the rebalance). A raise is made only once the
+arbiter sees room (the others' lowerings have passed their safe points), so what the models
+hold never exceeds what the arbiter granted. A suspended model holds nothing: every Holo layer
+drops to level 0 and its other tensors go to host memory; its next forward waits until it is
+re-admitted (or raises :class:`~torch_arbiter.errors.PreemptedError` after ``patch(timeout=)``)
+and its fragments come back from host memory, not from disk. With ``enforce=True`` (default)
+every top-module forward runs inside its allocation's workload scope and recovers an
+out-of-memory error there (:func:`torch_arbiter.allocator.run_with_recovery`).
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import logging
 import math
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import InvalidRequestError, PatchError
+from ..errors import AllocationTimeoutError, InvalidRequestError, PatchError, PreemptedError
 from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
 from ..holo.calibrate import collect_linear_inputs
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
@@ -41,6 +52,10 @@ __all__ = ["ManagedModel", "patch", "managed_model_of", "managed_models"]
 
 _log = logging.getLogger(__name__)
 _MARKER = "_torch_arbiter_managed"
+#: Retries of a forward refused past its budget. Only the first refused allocation of a forward is
+#: known, so one reclaim rarely covers the whole forward: retry k asks 2**k times the shortfall
+#: (``run_with_recovery``'s own rule), and a retry happens only when the arbiter did reclaim.
+_OOM_RETRIES = 3
 _REGISTERED: "weakref.WeakSet[ManagedModel]" = weakref.WeakSet()  # every model attached to an arbiter
 
 
@@ -121,9 +136,9 @@ def managed_models(arbiter: Any = None) -> "list[ManagedModel]":
 class ManagedModel:
     """A patched model or pipeline whose weight quality moves at run time.
 
-    Made by :func:`patch`. Thread-safe: :meth:`set_quality` may be called from any thread (the
-    arbiter's listener calls it from the thread that caused a rebalance) while the model runs;
-    new levels are applied only at safe points (see :mod:`.safe_point`).
+    Made by :func:`patch`. Thread-safe: :meth:`set_quality` may be called from any thread while
+    the model runs; new levels are applied only at safe points (see :mod:`.safe_point`), by the
+    model's forward thread or, when it is idle, by the arbiter's applier thread.
 
     Attributes:
         model: the object that was patched (model or pipeline).
@@ -135,7 +150,8 @@ class ManagedModel:
     """
 
     def __init__(self, model: Any, components: Mapping[str, nn.Module], swapped: list[SwappedLayer],
-                 switch_hooks: list[SafePointHandle], switch: SafePointSwitch[float]):
+                 switch_hooks: list[SafePointHandle], switch: SafePointSwitch[float], *,
+                 enforce: bool = True, timeout: float | None = None):
         """Use :func:`patch`; this only wires already-swapped parts together."""
         self.model = model
         self._components = dict(components)
@@ -147,11 +163,15 @@ class ManagedModel:
         self._switch = switch
         self._lock = threading.RLock()
         self._quality = 1.0
+        self._cap = 1.0  # the user's set_quality on a registered model: at most this, at most the grant
+        self._parked: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # suspended: tensors on host
         self._patched = True
+        self.enforce = enforce
+        self.timeout = timeout
         self.allocation = None
         self.arbiter = None
-        self._listener = None
         self._curve: list[tuple[float, int]] | None = None
+        self._curve_qualities: list[float] = []
         self.fixed_bytes = self._measure_fixed_bytes()
         holo_full = sum(h.full_bytes for h in self._holos.values())
         self.full_bytes = self.fixed_bytes + holo_full
@@ -232,13 +252,25 @@ class ManagedModel:
                 points.append((self._quality_for_bytes(spent), spent))
             points.append((1.0, self.full_bytes))
             self._curve = points
+            self._curve_qualities = [q for q, _ in points]
         return list(self._curve)
+
+    def _weights_at(self, q: float) -> int:
+        """``bytes_at(q)`` read off the curve (O(log steps): what the arbiter's gate asks under its lock)."""
+        curve = self.curve if self._curve is None else self._curve
+        return curve[max(0, bisect.bisect_right(self._curve_qualities, q) - 1)][1]
 
     # -- live state --------------------------------------------------------------------------------
 
     @property
+    def suspended(self) -> bool:
+        """True while the model holds nothing (its allocation is suspended): forwards wait."""
+        return self._parked is not None
+
+    @property
     def quality(self) -> float:
-        """The quality in effect now (a requested one waiting for a safe point is not yet)."""
+        """The quality in effect now (a requested one waiting for a safe point is not yet; 0 while
+        suspended)."""
         with self._lock:
             return self._quality
 
@@ -279,6 +311,8 @@ class ManagedModel:
 
         Applied at once when no forward of the model is running, else when the running forward
         ends (between decode steps, between UNet calls); a newer request replaces a pending one.
+        On a model registered with an arbiter, ``q`` is a cap: the model runs at the lower of
+        ``q`` and its grant (``set_quality(1.0)`` follows the grant again).
 
         Args:
             q: a quality in [0, 1]; values below :attr:`min_quality` apply ``min_quality``.
@@ -300,17 +334,147 @@ class ManagedModel:
             applied = self._switch.wait_applied(timeout)
         return applied
 
-    def _apply(self, q: float) -> None:
-        """Set every layer's level for quality q (called by the switch at a safe point)."""
+    def _apply(self, requested: float | None) -> bool:
+        """Move to the newest target (called by the switch at a safe point, no forward running).
+
+        ``requested`` is a user's :meth:`set_quality` (None: follow the arbiter). Returns False
+        when the move is a raise the arbiter has no room for yet (it stays pending).
+        """
         with self._lock:
             if not self._patched:
-                return
-            levels, _ = self._plan(q)
-            lowering = [(n, k) for n, k in levels.items() if k < self._layers[n].level]
-            raising = [(n, k) for n, k in levels.items() if k > self._layers[n].level]
-            for name, level in lowering + raising:  # free memory before taking more
-                self._layers[name].set_level(level)
-            self._quality = max(q, self.min_quality)
+                return True
+            if requested is not None:
+                self._cap = requested
+            if self.arbiter is None or self.allocation is None:
+                self._move(self._cap)
+                return True
+            allocation, arbiter = self.allocation, self.arbiter
+            reserve = allocation.activation_bytes
+
+            def held_at(target: float | None) -> int:
+                return 0 if target is None else self._weights_at(max(min(target, self._cap), self.min_quality)) + reserve
+
+            holding = arbiter.held_bytes().get(allocation.id, 0)
+            target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at)
+            if not allowed:
+                return False
+            moved = False
+            try:
+                if target is None:
+                    self._move(None)
+                else:
+                    with self._scope():  # on CUDA, fragments raised now are charged to this model
+                        self._move(min(target, self._cap))
+                moved = True
+            finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
+                if moved and nbytes < holding and str(arbiter.config.device).startswith("cuda"):
+                    from ..allocator import empty_pool_caches
+
+                    empty_pool_caches(arbiter)  # freed blocks stay cached in the pool, charged to it, until emptied
+                arbiter._commit_held(allocation, 0 if self._parked is not None else self.resident_bytes + reserve,
+                                     generation if moved else None)
+            return True
+
+    def _move(self, q: float | None) -> None:
+        """Hold the levels of quality ``q`` (None: hold nothing, every tensor to host memory)."""
+        if q is None:
+            for layer in self._layers.values():
+                layer.set_level(0)
+            self._park_fixed()
+            self._quality = 0.0
+            return
+        self._unpark_fixed()
+        levels, _ = self._plan(q)
+        lowering = [(n, k) for n, k in levels.items() if k < self._layers[n].level]
+        raising = [(n, k) for n, k in levels.items() if k > self._layers[n].level]
+        for name, level in lowering + raising:  # free memory before taking more
+            self._layers[name].set_level(level)
+        self._quality = max(q, self.min_quality)
+
+    def _fixed_tensors(self) -> list[torch.Tensor]:
+        tensors: dict[int, torch.Tensor] = {}
+        for module in self._components.values():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensors.setdefault(id(tensor), tensor)
+        return list(tensors.values())
+
+    def _park_fixed(self) -> None:
+        """Move every parameter and buffer outside the Holo fragments to host memory.
+
+        On the CPU the host copy is the tensor's own data (nothing is copied); views of one
+        storage are parked once and come back sharing it.
+        """
+        if self._parked is not None:
+            return
+        parked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        hosts: dict[tuple, torch.Tensor] = {}
+        for tensor in self._fixed_tensors():
+            data = tensor.data
+            if data.numel() == 0:
+                continue
+            key = (data.untyped_storage().data_ptr(), data.storage_offset(), tuple(data.shape), tuple(data.stride()))
+            host = hosts.get(key)
+            if host is None:
+                host = hosts[key] = data if data.device.type == "cpu" else data.to("cpu")
+            parked[id(tensor)] = (tensor, host)
+            tensor.data = torch.empty(0, dtype=data.dtype, device=data.device)
+        self._parked = parked
+
+    def _unpark_fixed(self) -> None:
+        if self._parked is None:
+            return
+        restored: dict[int, torch.Tensor] = {}
+        for tensor, host in self._parked.values():
+            device = tensor.device
+            data = restored.get(id(host))
+            if data is None:
+                data = restored[id(host)] = host if host.device == device else host.to(device)
+            tensor.data = data
+        self._parked = None
+
+    def _scope(self):
+        """The allocation's workload scope when enforcing (a no-op context otherwise)."""
+        allocation = self.allocation
+        if not self.enforce or self.arbiter is None or allocation is None or allocation.released:
+            return contextlib.nullcontext()
+        return self.arbiter.workload(allocation)
+
+    def _run_forward(self, forward, *args, **kwargs):
+        """Run one top-module forward inside the allocation's workload scope, recovering from an
+        out-of-memory error there (reclaim from lower priorities, empty the pool caches, retry, at
+        most :data:`_OOM_RETRIES` times), then :class:`~torch_arbiter.errors.WorkloadOutOfMemoryError`."""
+        allocation, arbiter = self.allocation, self.arbiter
+        if not self.enforce or arbiter is None or allocation is None or allocation.released:
+            return forward(*args, **kwargs)
+        from ..allocator import run_with_recovery
+
+        attempts = 0
+
+        def attempt(*a, **k):
+            nonlocal attempts
+            attempts += 1
+            return forward(*a, **k)
+
+        result = run_with_recovery(arbiter, allocation, attempt, *args, retries=_OOM_RETRIES, **kwargs)
+        if attempts > 1:
+            arbiter._count_oom_recovery()
+        return result
+
+    def _runnable(self) -> bool:
+        return not self._patched or self._parked is None
+
+    def _stale(self) -> bool:
+        allocation, arbiter = self.allocation, self.arbiter
+        if not self._patched or allocation is None or arbiter is None:
+            return False
+        return arbiter._stale(allocation) or (allocation.released and self._parked is None)
+
+    def _preempted_error(self, waited: float) -> PreemptedError:
+        name = self.allocation.name if self.allocation is not None else type(self.model).__name__
+        return PreemptedError(
+            f"{name}: suspended by the arbiter (a higher-priority workload needs its memory) and not "
+            f"re-admitted within its timeout ({self.timeout} s, waited {waited:.2f} s): pass a larger "
+            "patch(timeout=...) or None to wait, give it a higher priority, or release other workloads")
 
     # -- arbiter -------------------------------------------------------------------------------------
 
@@ -318,16 +482,11 @@ class ManagedModel:
         self.arbiter, self.allocation = arbiter, allocation
         own = weakref.ref(self)  # the arbiter must not keep a dropped model alive
 
-        def listener(changes) -> None:
+        def settle() -> bool:
             managed = own()
-            if managed is None or not managed.patched:
-                return
-            for change in changes:
-                if change.allocation is managed.allocation:
-                    managed.set_quality(min(1.0, max(0.0, change.new_quality)))
+            return True if managed is None or not managed.patched else managed._switch.apply_if_idle()
 
-        self._listener = listener
-        arbiter.add_listener(listener)
+        arbiter._bind(allocation, settle)
         _REGISTERED.add(self)
 
     # -- undo ------------------------------------------------------------------------------------------
@@ -349,13 +508,14 @@ class ManagedModel:
                 if not self._patched:
                     return
                 self._patched = False
+                self._switch.close()
+                self._unpark_fixed()
                 for handle in self._switch_hooks:
                     handle.remove()
                 remove_holo_swap(self._swapped)
                 for module in self._components.values():
                     module.__dict__.pop(_MARKER, None)
         if self.arbiter is not None:
-            self.arbiter.remove_listener(self._listener)
             if self.allocation is not None and not self.allocation.released:
                 try:
                     self.allocation.release()
@@ -385,7 +545,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
           holo_dir: str | Path | None = None, encode_options: Mapping[str, Any] | None = None,
           min_quality: float | None = None, activation_bytes: int | None = None,
           timeout: float | None = None, register: bool = True, progress: bool = True,
-          calibration: Any = None) -> ManagedModel:
+          calibration: Any = None, enforce: bool = True) -> ManagedModel:
     """Make a loaded model's quality live and hand it to the arbiter. One line of user code.
 
     Args:
@@ -401,7 +561,9 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         encode_options: passed to :meth:`HoloTensor.encode` when encoding (``group_size``, ``rank``).
         min_quality: the floor asked of the arbiter (raised to :attr:`ManagedModel.min_quality`).
         activation_bytes: bytes the workload needs at any quality (default: the kind's).
-        timeout: seconds to wait for the arbiter's grant.
+        timeout: seconds to wait for the arbiter's grant, and for re-admission when a forward
+            starts while the model is suspended (preempted): past it the forward raises
+            :class:`~torch_arbiter.errors.PreemptedError`. None waits for ever.
         register: False patches without registering (quality moves only by ``set_quality``).
         progress: show a tqdm bar while encoding.
         calibration: representative inputs, so that every ``nn.Linear`` is encoded with GPTQ
@@ -409,9 +571,17 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             longer): a callable run once on ``obj`` before any layer is swapped (``lambda m:
             m(input_ids)``; a pipeline needs one), or a tensor / dict of inputs passed to the
             model. Not evaluation data. Ignored with ``holo_dir``.
+        enforce: run every top-module forward (and every level switch) inside the allocation's
+            workload scope (``arbiter.workload(allocation)``: on CUDA its own memory pool and
+            budget), and recover an out-of-memory error there: reclaim from lower priorities,
+            empty the pool caches, retry (up to 3 times, while the arbiter can reclaim); then
+            :class:`~torch_arbiter.errors.WorkloadOutOfMemoryError` naming who holds what.
+            False runs forwards outside any scope (no budget is enforced per allocation). On
+            the CPU the scope only selects the workload for the allocator's host backend.
 
     Returns:
-        The :class:`ManagedModel`, already at the quality the arbiter granted.
+        The :class:`ManagedModel`, already at the quality the arbiter granted (it holds nothing
+        while asking, so the bytes others free for it are counted once).
 
     Raises:
         PatchError: ``obj`` is already patched, is not a model or pipeline, has no layer to swap,
@@ -449,11 +619,13 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             raise PatchError(f"this {type(obj).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer "
                              "to make live; patch() has nothing to do for it")
         holder: list[ManagedModel] = []
-        switch: SafePointSwitch[float] = SafePointSwitch(lambda q: holder[0]._apply(q))
+        switch: SafePointSwitch[float] = SafePointSwitch(
+            lambda q: holder[0]._apply(q), refresh=lambda: holder[0]._stale(), ready=lambda: holder[0]._runnable(),
+            timeout=timeout, timeout_error=lambda waited: holder[0]._preempted_error(waited))
         for module in components.values():
-            hooks.append(apply_safe_point_hook(module, switch))
+            hooks.append(apply_safe_point_hook(module, switch, run=lambda fn, *a, **k: holder[0]._run_forward(fn, *a, **k)))
             guard_dtype_changes(module)
-        managed = ManagedModel(obj, components, swapped, hooks, switch)
+        managed = ManagedModel(obj, components, swapped, hooks, switch, enforce=enforce, timeout=timeout)
         holder.append(managed)
         for module in components.values():
             object.__setattr__(module, _MARKER, weakref.ref(managed))
@@ -504,6 +676,12 @@ def _register(managed: ManagedModel, arbiter, workload, priority, name, min_qual
                                "min_quality": floor, "timeout": timeout}
     if activation_bytes is not None:
         options["activation_bytes"] = activation_bytes
-    allocation = arbiter.request_allocation_blocking(workload, priority, **options)
+    started = time.monotonic()
+    managed._move(None)  # hold nothing while asking: the grant is then taken like any raise
+    allocation = arbiter._request_bound_blocking(workload, priority, **options)
     managed._attach(arbiter, allocation)
-    managed.set_quality(min(1.0, max(0.0, allocation.quality)))
+    remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+    if not arbiter._wait_applied(allocation, remaining):
+        raise AllocationTimeoutError(
+            f"{name}: granted, but the memory was not freed by the other models within {timeout} s "
+            "(a forward that never reaches a safe point?): raise the timeout or stop the other models")

@@ -135,16 +135,23 @@ class _HoloModule(nn.Module):
         """Hold the tensors of level ``k`` (now) and release the others.
 
         Args:
-            k: a level in ``1..num_levels`` (a layer cannot run without a weight).
+            k: a level in ``0..num_levels``; level 0 holds nothing (a suspended model) and a
+                forward at level 0 raises until a level >= 1 is set again.
 
         Raises:
             InvalidRequestError: ``k`` out of range.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_levels:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.num_levels:
             raise InvalidRequestError(
-                f"level {k!r} is outside 1..{self.num_levels}; a Holo module needs a level >= 1 to run")
+                f"level {k!r} is outside 0..{self.num_levels} (0 releases the weight, 1.. hold a level)")
         self._hold(k, self._device_probe.device)
         self._level = k
+
+    def _check_runnable(self, level: int) -> None:
+        if level == 0:
+            raise InvalidRequestError(
+                "this Holo layer holds no weight (level 0: its model is suspended): set a level >= 1 "
+                "(a patched model does so itself when the arbiter re-admits it)")
 
     def _apply(self, fn, *args, **kwargs):
         refuse_dtype_change(self, fn)
@@ -196,7 +203,7 @@ class _HoloModule(nn.Module):
 
     def _hold(self, k: int, device: torch.device) -> None:
         self._resident, self._codes = {}, None  # release first: old and new levels never held together
-        self._resident = self._build(k, device)
+        self._resident = self._build(k, device) if k > 0 else {}
         if k < self.num_levels and "hi" in self._resident:
             self._codes = _kernels.codes_for(self._resident, self.holo.meta, k)
 
@@ -341,6 +348,7 @@ class HoloLinear(_HoloModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_level.T + bias`` over the last dimension of ``x``."""
+        self._check_runnable(self._level)
         if self._level == self.num_levels:
             return F.linear(x, _as(self._resident["weight"], x.dtype), _as(self.bias, x.dtype))
         meta = self.holo.meta
@@ -463,6 +471,7 @@ class HoloConv2d(_HoloModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``F.conv2d`` with the weight of the current level."""
+        self._check_runnable(self._level)
         if self._level == self.num_levels:
             weight = _as(self._resident["weight"], x.dtype)
         else:
@@ -592,6 +601,7 @@ class HoloEmbedding(_HoloModule):
         """Rows of the table at the current level for integer ``ids`` of any shape."""
         owner = self._tied_head if self._tied_head is not None else self
         resident, level = owner._resident, owner._level
+        self._check_runnable(level)
         if level == self.num_levels:
             return F.embedding(ids, resident["weight"], self.embedding_options["padding_idx"])
         flat = ids.reshape(-1)
