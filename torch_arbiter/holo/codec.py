@@ -22,10 +22,13 @@ read the same way). ``K`` is zero-padded to ``Kp``, a multiple of the group size
    (bf16 scale and zero, ``w = (q - 8)·scale + zero``). Rotation, grid and group size are chosen
    together per tensor by measured round-to-nearest error on a row sample, each candidate's extra
    bits priced at 4x squared error per bit (:func:`_choose_grid`).
-   Level 1's grid covers each group's whole range (see :data:`_RESIDUAL_CLIPS`). The codes are rounded to
-   nearest, or, given calibration inputs, with GPTQ error feedback: each column's rounding error
-   is pushed onto the columns not yet rounded through the inverse of the inputs' ``XᵀX``, which
-   lowers the layer's output error. Both stages are stored in the ``[K/g, out, 1|2]`` layout of
+   Level 1's grid starts from each group's whole range (see :data:`_RESIDUAL_CLIPS`) and is
+   refitted without data by alternating least squares, per group only where that lowers the error
+   of both levels (:func:`_refit_level1`). The codes are rounded to nearest, or, given calibration
+   inputs, with GPTQ error feedback: each column's rounding error is pushed onto the columns not
+   yet rounded through the inverse of the inputs' ``XᵀX``, which lowers the layer's output error;
+   each stage keeps GPTQ only where it measures no worse on held-out rows of those inputs at
+   either level (:func:`_calibrated_stages`). Both stages are stored in the ``[K/g, out, 1|2]`` layout of
    torch's int4 weight-only kernels (:func:`kernel_scales` adds the implied zero of a symmetric
    stage), so the fragments *are* the resident form. Level 2 adds a *residual stage*: a symmetric
    4-bit code (``lo`` nibble) of ``W_rot - level 1`` whose step per group is level 1's scale times
@@ -50,9 +53,9 @@ given). Fragments are plain tensors (``uint8`` nibbles and ratio codes, ``int8``
 ``bfloat16`` scales, ``float16`` rank factors, the original dtype for ``exact``) so they store as safetensors.
 
 Limits: GPTQ runs only when calibration inputs are given (a Python loop over input columns, each
-step vectorised over rows, once per stage: about a second per 384x1536 matrix on one CPU thread,
-far slower when torch's threads compete with other processes); without them both stages are
-round-to-nearest. bf16 scales cost a little precision (measured, and recorded in the fidelity).
+step vectorised over rows, three times per tensor for the held-out choice: about a second per run
+on a 384x1536 matrix on one CPU thread, far slower when torch's threads compete with other
+processes); without them both stages are round-to-nearest on the refitted grid. bf16 scales cost a little precision (measured, and recorded in the fidelity).
 """
 
 from __future__ import annotations
