@@ -8,7 +8,8 @@ user who writes only ``patch(model)`` gives none, so the model supplies them:
   what its layers are tuned to see;
 - any other transformers model that takes ``input_ids`` (an encoder such as BERT) reads random
   token ids from its vocabulary: no text, but its embeddings, attention and MLPs see their own
-  statistics (MiniLM: cosine 0.957 -> 0.972 at 4.3 bits per weight on unseen text);
+  statistics (MiniLM at <= 4.5 bits per weight, on text it never saw: cosine 0.963 without
+  calibration, 0.971 with it; ``bench/results/codec_minilm.md``);
 - a diffusers pipeline runs a short stretch of its own denoising loop (a few steps, one image).
 
 Everything is seeded, so a patch is reproducible. The encoder keeps a GPTQ rounding only where it
