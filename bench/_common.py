@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["machine_info", "time_call", "write_results", "RESULTS_DIR"]
+__all__ = ["machine_info", "time_call", "write_results", "RESULTS_DIR", "evaluation_text", "evaluation_sentences"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -101,3 +101,42 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+#: Standard-library modules whose docstrings are the evaluation text of the codec benchmark:
+#: technical prose in another domain than the licences the calibrated rows are fitted on, present
+#: on every machine with this Python and held nowhere in the project.
+EVALUATION_MODULES = ("argparse", "collections/__init__", "json/__init__", "pathlib", "subprocess",
+                      "threading", "email/message", "logging/__init__", "tarfile", "zipfile",
+                      "asyncio/events", "unittest/case", "http/client", "urllib/request", "datetime")
+
+
+def evaluation_text() -> str:
+    """Docstrings of :data:`EVALUATION_MODULES` (module, classes, functions) in source order.
+
+    Returns:
+        The docstrings joined by blank lines, whitespace inside each collapsed to single spaces.
+    """
+    import ast
+    import re
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for module in EVALUATION_MODULES:
+        source = (stdlib / f"{module}.py").read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    parts.append(re.sub(r"\s+", " ", doc).strip())
+    return "\n\n".join(parts)
+
+
+def evaluation_sentences(count: int) -> list[str]:
+    """The first ``count`` distinct sentences (25 to 300 characters) of :func:`evaluation_text`."""
+    import re
+
+    pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", evaluation_text())]
+    unique = list(dict.fromkeys(s for s in pieces if 25 <= len(s) <= 300 and not s.startswith(">>>")))
+    return unique[:count]

@@ -81,3 +81,50 @@ def test_holo_config_rejects_bad_fields(kwargs):
 
     with pytest.raises(InvalidRequestError):
         HoloTensorConfig(**kwargs)
+
+
+def _calibrated(managed) -> list[bool]:
+    """For each encoded linear: whether it was calibrated (embeddings never are)."""
+    from torch_arbiter.nn import HoloLinear
+
+    return ["out_rel_error" in module.holo.level_fidelity(1) for module in managed.layers.values()
+            if isinstance(module, HoloLinear) and module.holo.scheme == "nested4x2"]
+
+
+def test_patch_self_calibrates_a_causal_lm_unless_told_not_to(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    from torch_arbiter.hooks import patch
+
+    path, tokens, logits = tiny_llama_dir
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    rng = torch.random.get_rng_state()
+    managed = patch(model, register=False, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # seeded on its own generator state
+    calibrated = _calibrated(managed)
+    assert calibrated and all(calibrated)  # its own generated tokens reached every linear
+    codes = {name: module.holo.fragment("hi").clone() for name, module in managed.layers.items()
+             if module.holo.scheme == "nested4x2"}
+    managed.unpatch()
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, logits)
+    again = patch(model, register=False, progress=False)  # same seed, same tokens, same codes
+    assert all(torch.equal(again.layers[name].holo.fragment("hi"), hi) for name, hi in codes.items())
+    again.unpatch()
+    plain = patch(model, register=False, progress=False, calibration=False)
+    assert not any(_calibrated(plain))
+    plain.unpatch()
+
+
+def test_patch_self_calibrates_an_encoder_on_random_tokens():
+    from transformers import BertConfig, BertModel
+
+    from torch_arbiter.hooks import patch
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=128)).eval()
+    managed = patch(model, register=False, progress=False)
+    calibrated = _calibrated(managed)
+    assert calibrated and all(calibrated)
+    managed.unpatch()

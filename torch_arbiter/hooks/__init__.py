@@ -6,6 +6,8 @@ One file per technique, in the style of ``diffusers.hooks``: each has a named ho
 - :mod:`.holo_swap`: swap ``nn.Linear`` / ``nn.Conv2d`` for Holo modules (and back, bit for bit);
 - :mod:`.safe_point`: apply a new quality only between forward calls of the top modules;
 - :mod:`.managed`: :func:`patch` and :class:`ManagedModel` (planning, arbiter registration);
+- :mod:`.self_calibration`: the inputs a model makes for itself so ``patch(model)`` calibrates
+  with no data (generated tokens, random token ids, a short denoising run);
 - :mod:`.transformers_quantizer`: ``HoloTensorConfig`` for ``from_pretrained(quantization_config=...)``
   and ``from_holo_pretrained`` (imported on first use: it imports transformers).
 """
@@ -13,6 +15,7 @@ One file per technique, in the style of ``diffusers.hooks``: each has a named ho
 from .holo_swap import HOLO_SWAP_HOOK, SwappedLayer, apply_holo_swap, find_swappable, remove_holo_swap
 from .managed import ManagedModel, managed_model_of, managed_models, patch
 from .safe_point import SAFE_POINT_HOOK, SafePointHandle, SafePointSwitch, apply_safe_point_hook
+from .self_calibration import SELF_CALIBRATION_HOOK, self_calibration_run
 
 __all__ = [
     "patch",
@@ -28,6 +31,8 @@ __all__ = [
     "SafePointSwitch",
     "SafePointHandle",
     "apply_safe_point_hook",
+    "SELF_CALIBRATION_HOOK",
+    "self_calibration_run",
     "HoloTensorConfig",
     "HoloQuantizer",
     "from_holo_pretrained",

@@ -47,6 +47,7 @@ from ..nn.modules import guard_dtype_changes
 from ..priority import Priority, WorkloadKind, WorkloadType
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
+from .self_calibration import self_calibration_run
 
 __all__ = ["ManagedModel", "patch", "managed_model_of", "managed_models"]
 
@@ -545,7 +546,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
           holo_dir: str | Path | None = None, encode_options: Mapping[str, Any] | None = None,
           min_quality: float | None = None, activation_bytes: int | None = None,
           timeout: float | None = None, register: bool = True, progress: bool = True,
-          calibration: Any = None, enforce: bool = True) -> ManagedModel:
+          calibration: Any = "auto", enforce: bool = True) -> ManagedModel:
     """Make a loaded model's quality live and hand it to the arbiter. One line of user code.
 
     Args:
@@ -567,10 +568,14 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         register: False patches without registering (quality moves only by ``set_quality``).
         progress: show a tqdm bar while encoding.
         calibration: representative inputs, so that every ``nn.Linear`` is encoded with GPTQ
-            error feedback on its own inputs (lower output error at the same bytes; encoding takes
-            longer): a callable run once on ``obj`` before any layer is swapped (``lambda m:
-            m(input_ids)``; a pipeline needs one), or a tensor / dict of inputs passed to the
-            model. Not evaluation data. Ignored with ``holo_dir``.
+            error feedback on its own inputs where that measures better on held-out rows (lower
+            output error at the same bytes; encoding takes longer): a callable run once on ``obj``
+            before any layer is swapped (``lambda m: m(input_ids)``), or a tensor / dict of inputs
+            passed to the model. Not evaluation data. ``"auto"`` (default): the model calibrates
+            on inputs it makes itself (:mod:`.self_calibration`: a causal LM samples 1024 tokens
+            from BOS, another transformers model reads random token ids, a pipeline runs 4
+            denoising steps; a plain ``nn.Module`` is not calibrated). ``False`` or None: no
+            calibration (round-to-nearest on a refitted grid). Ignored with ``holo_dir``.
         enforce: run every top-module forward (and every level switch) inside the allocation's
             workload scope (``arbiter.workload(allocation)``: on CUDA its own memory pool and
             budget), and recover an out-of-memory error there: reclaim from lower priorities,
@@ -603,8 +608,14 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
                          "patch() returned, or unpatch() it first")
     checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
     inputs = None
-    if calibration is not None and checkpoint is None:
-        inputs = collect_linear_inputs(components.values(), _calibration_run(obj, calibration))
+    if checkpoint is not None or calibration is None or calibration is False:
+        run = None
+    elif isinstance(calibration, str) and calibration == "auto":
+        run = self_calibration_run(obj, kind, progress)
+    else:
+        run = _calibration_run(obj, calibration)
+    if run is not None:
+        inputs = collect_linear_inputs(components.values(), run)
     swapped: list[SwappedLayer] = []
     hooks: list[SafePointHandle] = []
     managed: ManagedModel | None = None
@@ -613,7 +624,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             prefix = f"{component}/" if kind == "diffusers" else ""  # the names `convert` gives
             swapped.extend(apply_holo_swap(
                 module, prefix=prefix, checkpoint=checkpoint, encode_options=encode_options,
-                progress=progress, description=f"patching {component or type(obj).__name__}",
+                progress=progress, description=f"encoding {component or type(obj).__name__}",
                 calibration=inputs))
         if not swapped:
             raise PatchError(f"this {type(obj).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer "
