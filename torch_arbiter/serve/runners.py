@@ -42,6 +42,9 @@ __all__ = ["Job", "ChatJob", "ImageJob", "ManagedBackend", "ChatRunner", "ImageR
 
 _log = logging.getLogger("torch_arbiter.serve")
 _RETRY_WAIT_S = 0.05
+#: How long a job start waits for a raise of its model to land (the others lower at their safe
+#: points first): about one forward of the other model; past it the job starts at the level it has.
+_SETTLE_WAIT_S = 1.0
 
 
 class _Cancelled(Exception):
@@ -163,7 +166,14 @@ class ManagedBackend:
         return contextlib.nullcontext(self.managed.model)
 
     def served_quality(self) -> float:
-        """The quality the next model call runs at: a pending level is applied at its start."""
+        """The quality the next model call runs at: a pending level is applied at its start.
+
+        A raise lands only once the models lowered for it have passed their safe points, so this
+        first waits (at most ``_SETTLE_WAIT_S``) for the arbiter to settle: a request that just
+        raised its model's priority is served at its new grant, not at the level before it.
+        """
+        if self.managed.arbiter is not None:
+            self.managed.arbiter.wait_until_settled(timeout=_SETTLE_WAIT_S)
         pending = self.managed.pending_quality
         if pending is None:
             return self.managed.quality
