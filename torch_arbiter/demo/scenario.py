@@ -6,9 +6,10 @@ while priorities and the memory used by "another process" change:
 
 1. both fit at full quality (the device is sized so that they use about 85 % of it);
 2. another process takes most of the device: the chat (HIGH, the user-facing priority) drops to
-   mostly 4-bit levels and its answer changes, the image job (BACKGROUND) to its floor;
+   4-bit levels on every layer but its head, the image job (BACKGROUND) to its floor;
 3. the user clicks "generate" while the chat answers: the image job becomes CRITICAL and climbs
-   back to full quality, the chat becomes BACKGROUND (its new level waits for its next decode step);
+   back to full quality, the chat becomes BACKGROUND and drops to its floor, where its answer
+   changes (its new level waits for its next decode step);
 4. the other process exits and the image job is done: the chat climbs back to full quality.
 
 A rich table shows every workload live; a sampler thread records the arbiter's state five times a
@@ -48,7 +49,6 @@ _GIB = 1 << 30
 _QUESTION = "What is the capital of France?"
 _ACTIVATIONS = {"chat": 32 * _MIB, "image": 16 * _MIB}
 _FULL_SHARE = 0.85  # both models at full quality fill this share of the default device
-_SQUEEZED_CHAT_QUALITY = 0.19  # what the other process leaves the chat: 4-bit on most layers
 _SAMPLE_INTERVAL_S = 0.2
 _FILE_MODE = 0o644
 
@@ -363,14 +363,17 @@ def run_demo(vram_gb: float | None = None, quick: bool = False, out_dir: str | P
             recorder.event("both models patched: the chat HIGH (user-facing), the image job BACKGROUND")
             phase("1. both fit at full quality: the chat (HIGH, user-facing) and the image job (BACKGROUND)")
 
-            squeeze = max(0, device_bytes - (chat.bytes_at(_SQUEEZED_CHAT_QUALITY) + image.bytes_at(0.0)
+            # The other process leaves the chat one step above its floor (every layer 4-bit but the
+            # tied head) and the image job its floor; once the image job is CRITICAL the chat gives
+            # up that step, and at its floor its answers change.
+            squeeze = max(0, device_bytes - (chat.bytes_at(chat.curve[1][0]) + image.bytes_at(image.min_quality)
                                              + sum(_ACTIVATIONS.values())))
             with recorder.atomic():
                 tracker.set_external_bytes(squeeze)
                 arbiter.rebalance()
             recorder.event(f"another process takes {squeeze / device_bytes:.0%} of the device")
             phase(f"2. another process takes {squeeze / device_bytes:.0%} of the device: "
-                  "the chat drops to mostly 4-bit levels, the image job to its floor")
+                  "the chat drops to 4-bit levels but its head, the image job to its floor")
 
             title = "3. the user clicks 'generate' while the chat answers: the image job is CRITICAL and climbs, the chat is BACKGROUND"
             recorder.phase = title
