@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from .._fileio import atomic_write
 from ..errors import FormatError, InvalidRequestError
 from .calibrate import DEFAULT_CALIBRATION_ROWS, collect_weight_inputs
 from .codec import HoloTensor
@@ -238,7 +239,7 @@ def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
     import json
 
     if "config" in metadata:
-        _atomic_write(dest / "config.json", json.dumps(metadata["config"], indent=1).encode())
+        atomic_write(dest / "config.json", json.dumps(metadata["config"], indent=1).encode())
     if "gguf_path" in metadata:  # the tokenizer lives inside the GGUF file: write it out beside
         from transformers import AutoTokenizer
 
@@ -247,7 +248,7 @@ def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
             AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(staging)
             for path in Path(staging).iterdir():
                 if path.is_file():
-                    _atomic_write(dest / path.name, path.read_bytes())
+                    atomic_write(dest / path.name, path.read_bytes())
     if not source.is_dir() or metadata["kind"] == "gguf":  # a GGUF's folder is not a model dir
         return
     for path in sorted(source.rglob("*")):
@@ -259,18 +260,7 @@ def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, path.read_bytes())
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(target, path.read_bytes())
 
 
 def summarize(path: str | os.PathLike, qualities: Iterable[float] = (0.25, 0.5, 0.75, 1.0)) -> ConversionSummary:
