@@ -31,14 +31,23 @@ def _mlp(seed: int = 0, width: int = 512) -> nn.Module:
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)).eval()
 
 
-def _blocking_hook(inside: threading.Event, go_on: threading.Event):
-    """A forward pre-hook that holds the forward until ``go_on`` is set."""
+def _hold_forward(layer: nn.Module, run, name: str | None = None):
+    """Start ``run`` in a thread and return once its forward is held at ``layer``'s pre-hook.
 
-    def hook(_module, _args):
+    Returns ``(runner, hook, go_on)``: the thread, the hook's handle, and the event that lets the
+    forward go on (it is held at most 5 s).
+    """
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(_module, _args):
         inside.set()
         go_on.wait(5)
 
-    return hook
+    hook = layer.register_forward_pre_hook(hold)
+    runner = threading.Thread(target=run, name=name)
+    runner.start()
+    assert inside.wait(5)
+    return runner, hook, go_on
 
 
 def _full_bytes(model: nn.Module) -> int:
@@ -107,14 +116,9 @@ def test_a_suspended_forward_waits_and_resumes_from_host_memory_without_reloadin
 
 def test_a_running_forward_finishes_before_the_model_is_suspended(repro):
     arbiter, model, managed, reference = repro
-    inside, go_on = threading.Event(), threading.Event()
-
-    hook = model[0].register_forward_pre_hook(_blocking_hook(inside, go_on))
     x = torch.randn(2, 512)
     results = []
-    runner = threading.Thread(target=lambda: results.append(model(x)))
-    runner.start()
-    assert inside.wait(5)
+    runner, hook, go_on = _hold_forward(model[0], lambda: results.append(model(x)))
     threading.Timer(0.2, go_on.set).start()  # the forward goes on while the request below waits
     critical = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.CRITICAL, bytes=2_941_747,
                                                    min_quality=1.0, activation_bytes=0, wait=True, timeout=None)
@@ -129,11 +133,7 @@ def test_a_running_forward_finishes_before_the_model_is_suspended(repro):
 
 def test_a_request_waits_for_the_running_forward_to_let_go(repro):
     arbiter, model, managed, _ = repro
-    inside, go_on = threading.Event(), threading.Event()
-    hook = model[0].register_forward_pre_hook(_blocking_hook(inside, go_on))
-    runner = threading.Thread(target=lambda: model(torch.randn(1, 512)))
-    runner.start()
-    assert inside.wait(5)
+    runner, hook, go_on = _hold_forward(model[0], lambda: model(torch.randn(1, 512)))
     granted = []
     asker = threading.Thread(target=lambda: granted.append(arbiter.request_allocation_blocking(
         WorkloadType.LLM_INFERENCE, Priority.CRITICAL, bytes=2_941_747, min_quality=1.0, activation_bytes=0)))
@@ -174,11 +174,7 @@ def test_a_running_model_applies_its_new_level_in_its_own_forward_thread():
     threads = []
     move = managed._move
     managed._move = lambda q: (threads.append(threading.current_thread().name), move(q))[1]
-    inside, go_on = threading.Event(), threading.Event()
-    hook = model[0].register_forward_pre_hook(_blocking_hook(inside, go_on))
-    runner = threading.Thread(target=lambda: model(torch.randn(1, 128)), name="forward-thread")
-    runner.start()
-    assert inside.wait(5)
+    runner, hook, go_on = _hold_forward(model[0], lambda: model(torch.randn(1, 128)), name="forward-thread")
     arbiter.tracker.set_external_bytes(int(3.5 * managed.full_bytes))  # another process takes memory
     arbiter.rebalance()  # from this thread (as the memory monitor would, from its own)
     go_on.set()
@@ -219,8 +215,6 @@ def _failing_set_level(level: int) -> None:
 def test_an_exception_in_set_level_at_a_forwards_exit_leaves_the_count_at_zero():
     model, managed = _unregistered(5)
     layer = next(iter(managed.layers.values()))
-    inside, go_on = threading.Event(), threading.Event()
-    hook = model[2].register_forward_pre_hook(_blocking_hook(inside, go_on))
     errors = []
 
     def run():
@@ -229,9 +223,7 @@ def test_an_exception_in_set_level_at_a_forwards_exit_leaves_the_count_at_zero()
         except RuntimeError as exc:
             errors.append(str(exc))
 
-    runner = threading.Thread(target=run)
-    runner.start()
-    assert inside.wait(5)
+    runner, hook, go_on = _hold_forward(model[2], run)
     assert managed.set_quality(managed.min_quality) is False  # pending: a forward runs
     layer.set_level = _failing_set_level
     hook.remove()
@@ -342,11 +334,7 @@ def test_a_forward_at_level_zero_outside_patch_is_a_typed_error():
 
 def test_an_admitted_request_with_wait_false_still_waits_for_the_model_to_let_go(repro):
     arbiter, model, managed, _ = repro
-    inside, go_on = threading.Event(), threading.Event()
-    hook = model[0].register_forward_pre_hook(_blocking_hook(inside, go_on))
-    runner = threading.Thread(target=lambda: model(torch.randn(1, 512)))
-    runner.start()
-    assert inside.wait(5)
+    runner, hook, go_on = _hold_forward(model[0], lambda: model(torch.randn(1, 512)))
     threading.Timer(0.1, go_on.set).start()
     critical = arbiter.request_allocation_blocking(WorkloadType.LLM_INFERENCE, Priority.CRITICAL, bytes=2_941_747,
                                                    min_quality=1.0, activation_bytes=0, wait=False, timeout=5)
