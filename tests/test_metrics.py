@@ -83,7 +83,9 @@ def test_scraped_metrics_follow_the_arbiter_and_the_model(tmp_path):
         assert _value(after, "torch_arbiter_quality_reductions_total") >= 1
         assert _value(after, "torch_arbiter_rebalances_total") > _value(samples, "torch_arbiter_rebalances_total")
         assert _value(after, "torch_arbiter_memory_pressure") == int(arbiter.state().pressure)
-        assert "torch_arbiter_cache_hits_total" not in after  # this arbiter has no cache of its own
+        # The arbiter's own cache: the patched model's fragments, resident at DEVICE.
+        own = arbiter.cache.stats()
+        assert _value(after, "torch_arbiter_cache_resident_bytes", tier="DEVICE") == own.resident_bytes[CacheTier.DEVICE] > 0
         managed.unpatch()
         assert _value(_scrape(url), "torch_arbiter_releases_total") == 1
     with pytest.raises(OSError):  # close() stopped the endpoint

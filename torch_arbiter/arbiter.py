@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,8 @@ from .errors import (
     InvalidRequestError,
     UnknownWorkloadError,
 )
+from .cache import CacheConfig, CacheStats, FragmentCache
+from .cache.prefetch import Prefetcher
 from .memory import GpuMemoryTracker, MemoryPressure
 from .priority import Priority, WorkloadKind, WorkloadType, _kind_of
 from .quality import QualityBudget, QualityPolicy
@@ -68,6 +71,12 @@ class ArbiterConfig:
         status_interval_s: publish this arbiter's status for ``torch-arbiter top`` (a 0600 JSON
             file, see :mod:`torch_arbiter.status`) after each change and at this interval; None
             publishes nothing.
+        cache: the layout of the arbiter's fragment cache (``arbiter.cache``), which every
+            patched model reads its fragments from; None: ``CacheConfig(device=device)``
+            (unbounded HOST, a private spill directory). Bound RAM with
+            ``CacheConfig(host_capacity_bytes=...)``.
+        prefetch_workers: fetches in flight at once when fragments are brought into HOST ahead
+            of a raise (``arbiter.prefetcher``).
     """
 
     vram_bytes: int | None = None
@@ -79,6 +88,8 @@ class ArbiterConfig:
     monitor_interval_s: float | None = None
     metrics_port: int | None = None
     status_interval_s: float | None = 1.0
+    cache: CacheConfig | None = None
+    prefetch_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.vram_bytes is not None and (not isinstance(self.vram_bytes, int) or self.vram_bytes <= 0):
@@ -94,6 +105,10 @@ class ArbiterConfig:
             raise InvalidRequestError(f"metrics_port must be a TCP port in [0, 65535] or None, got {self.metrics_port!r}")
         if self.status_interval_s is not None and not self.status_interval_s > 0:
             raise InvalidRequestError("status_interval_s must be > 0 seconds or None")
+        if self.cache is not None and not isinstance(self.cache, CacheConfig):
+            raise InvalidRequestError(f"cache must be a torch_arbiter.CacheConfig or None, got {type(self.cache).__name__}")
+        if isinstance(self.prefetch_workers, bool) or not isinstance(self.prefetch_workers, int) or self.prefetch_workers < 1:
+            raise InvalidRequestError(f"prefetch_workers must be an int >= 1, got {self.prefetch_workers!r}")
         CoordinatorConfig(self.policy, self.fixed_quality, self.allow_preemption)
 
     @classmethod
@@ -187,7 +202,8 @@ class ArbiterState:
 
 @dataclass
 class ArbiterStats:
-    """Counters since the arbiter was made; every one is counted where it happens."""
+    """Counters since the arbiter was made; every one is counted where it happens (``cache``:
+    a snapshot of the fragment cache's counters, per tier)."""
 
     grants: int = 0
     releases: int = 0
@@ -202,6 +218,7 @@ class ArbiterStats:
     oom_recoveries: int = 0
     rebalances: int = 0
     last_rebalance_s: float = 0.0
+    cache: CacheStats | None = None
 
     @property
     def average_wait_s(self) -> float:
@@ -303,6 +320,11 @@ class _Applier:
                             self._blocked.add(key)
 
 
+def _close_cache(cache: FragmentCache, prefetcher: Prefetcher) -> None:
+    prefetcher.close()
+    cache.close()
+
+
 class Arbiter:
     """Grants device memory to workloads and keeps every workload's quality up to date.
 
@@ -345,6 +367,10 @@ class Arbiter:
         self._bound: set[int] = set()  # allocations whose holder is a patched model
         self._settled = threading.Condition(self._lock)
         self._applier = _Applier()
+        self.cache = FragmentCache(self.config.cache or CacheConfig(device=self.config.device))
+        self.prefetcher = Prefetcher(self.cache, workers=self.config.prefetch_workers)
+        # Patched models may outlive close(): the cache goes when the arbiter object does.
+        weakref.finalize(self, _close_cache, self.cache, self.prefetcher)
         self._metrics_servers: list = []
         if self.config.monitor_interval_s is not None:
             self.tracker.start_monitor(lambda _stats: self.rebalance(), self.config.monitor_interval_s)
@@ -683,7 +709,8 @@ class Arbiter:
     def stats(self) -> ArbiterStats:
         """A copy of the counters."""
         with self._lock:
-            return ArbiterStats(**vars(self._stats))
+            counters = dict(vars(self._stats), cache=self.cache.stats())
+        return ArbiterStats(**counters)
 
     def serve_metrics(self, port: int, addr: str = "127.0.0.1"):
         """Serve this arbiter's Prometheus metrics on ``http://addr:port/metrics`` until :meth:`close`.
@@ -917,6 +944,18 @@ class Arbiter:
                 self._sync_bare_locked()
                 self._applier.wake()
             self._settled.notify_all()
+
+    def _update_held(self, allocation: Allocation, nbytes: int) -> None:
+        """A patched model's charge changed without a move (a fragment it shares changed hands):
+        record ``nbytes`` as what it holds, keeping its applied target."""
+        with self._lock:
+            if allocation.id not in self._allocations or allocation.id not in self._applied:
+                return
+            freed = self._held.get(allocation.id, 0) > nbytes
+            self._held[allocation.id] = nbytes
+            if freed:
+                self._sync_bare_locked()
+                self._applier.wake()
 
     def _settled_locked(self) -> bool:
         for a in self._allocations.values():

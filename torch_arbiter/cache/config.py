@@ -143,6 +143,11 @@ class CacheStats:
         evictions: copies dropped from a tier to make room (LRU) or by ``evict``.
         bytes_promoted: bytes copied upwards.
         bytes_demoted: bytes copied downwards.
+        bytes_in: per tier, bytes written into it (from any other tier).
+        bytes_out: per tier, bytes read out of it to be copied to another tier.
+        fetch_p50_s: per tier, median seconds of one read from DISK or REMOTE (the newest 4096
+            to 8192 reads; 0.0 when none and for the memory tiers).
+        fetch_p99_s: per tier, the 99th percentile of the same.
     """
 
     hits: dict[CacheTier, int] = field(default_factory=_per_tier)
@@ -154,6 +159,10 @@ class CacheStats:
     evictions: int = 0
     bytes_promoted: int = 0
     bytes_demoted: int = 0
+    bytes_in: dict[CacheTier, int] = field(default_factory=_per_tier)
+    bytes_out: dict[CacheTier, int] = field(default_factory=_per_tier)
+    fetch_p50_s: dict[CacheTier, float] = field(default_factory=lambda: dict.fromkeys(CacheTier, 0.0))
+    fetch_p99_s: dict[CacheTier, float] = field(default_factory=lambda: dict.fromkeys(CacheTier, 0.0))
 
     @property
     def bytes_moved(self) -> int:

@@ -8,9 +8,12 @@ down instead of dropping them.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -22,8 +25,12 @@ from .device import DeviceTier
 from .disk import DiskTier
 from .host import HostTier
 from .remote import RemoteTier
+from .sources import CheckpointSource, content_key, open_source
 
 __all__ = ["FragmentCache"]
+
+#: Fetch latencies kept per tier for the p50/p99 in ``CacheStats`` (the newest ones).
+_LATENCY_WINDOW = 4096
 
 
 # where get(key, tier) looks: the tier itself, then each lower tier, then the tiers above (nearest first)
@@ -92,6 +99,18 @@ class FragmentCache:
         self._misses = dict.fromkeys(CacheTier, 0)
         self._promotions = self._demotions = self._evictions = 0
         self._bytes_promoted = self._bytes_demoted = 0
+        self._bytes_in = dict.fromkeys(CacheTier, 0)
+        self._bytes_out = dict.fromkeys(CacheTier, 0)
+        self._latencies: dict[CacheTier, list[float]] = {tier: [] for tier in CacheTier}
+        # Checkpoints attached at run time (the live path): content key -> (source, fragment id),
+        # per tier (DISK: local directories, REMOTE: URLs); the first source of a key serves it.
+        self._registry: dict[CacheTier, dict[str, tuple[CheckpointSource, str]]] = {
+            CacheTier.DISK: {}, CacheTier.REMOTE: {}}
+        self._attached: dict[str, CheckpointSource] = {}
+        # Who uses each key (owners: their copies live while one remains) and who holds it at
+        # DEVICE now, oldest first (the first holder is charged for it).
+        self._owners: dict[str, set[str]] = {}
+        self._holders: dict[str, OrderedDict[str, int]] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -155,13 +174,15 @@ class FragmentCache:
             self._check_open()
             source = self._find(key, tier)
             if key in self._lru[source]:  # a writable copy may move: read it under the lock
-                return self._finish_get(key, tier, source, self._stores[source].read(key))
-            store = self._stores[source]
+                return self._finish_get(key, tier, source, self._timed_read(source, key))
+            read = self._source_reader(source, key)
         # read-only sources never change (put() refuses their keys), so they are read without the
         # lock: fetches of different fragments (``get_many``) overlap, other calls are not held up
-        tensor = store.read_source(key)
+        started = time.perf_counter()
+        tensor = read()
         with self._lock:
             self._check_open()
+            self._record_latency(source, time.perf_counter() - started)
             return self._finish_get(key, tier, source, tensor)
 
     def get_many(
@@ -191,6 +212,196 @@ class FragmentCache:
         with ThreadPoolExecutor(max_workers=min(max_workers, len(keys)), thread_name_prefix="fragment-cache") as pool:
             return dict(zip(keys, pool.map(lambda key: self.get(key, tier), keys)))
 
+
+    # ------------------------------------------------------------------ the live path
+
+    def attach(self, location: str | os.PathLike) -> CheckpointSource:
+        """Serve the fragments of a holo checkpoint (directory or URL) under their content keys.
+
+        Attaching the same location again returns the source already attached. A fragment whose
+        content another attached checkpoint already serves keeps that first source (it is one
+        fragment: same bytes, dtype and shape).
+
+        Args:
+            location: a holo checkpoint directory (served by the DISK tier) or an ``http(s)://``
+                base URL (the REMOTE tier), read with this cache's remote rules and caps.
+
+        Returns:
+            The :class:`~torch_arbiter.cache.sources.CheckpointSource`; its ``keys`` map each
+            fragment id to the content key to ``get`` / ``acquire``.
+
+        Raises:
+            FormatError, CorruptFragmentError, InvalidRequestError: as ``open_source``.
+        """
+        text = os.fspath(location)
+        lookup = text if text.startswith(("http://", "https://")) else str(Path(text).resolve())
+        with self._lock:
+            self._check_open()
+            known = self._attached.get(lookup) or self._attached.get(lookup.rstrip("/") + "/")
+            if known is not None:
+                return known
+        config = self.config
+        source = open_source(text, timeout=config.remote_timeout, allow_insecure=config.allow_insecure,
+                             allow_cross_host_redirects=config.allow_cross_host_redirects,
+                             max_index_bytes=config.max_index_bytes, max_fragment_bytes=config.max_fragment_bytes)
+        with self._lock:
+            self._check_open()
+            known = self._attached.get(source.location)
+            if known is not None:
+                return known
+            registry = self._registry[source.tier]
+            for fid, key in source.keys.items():
+                registry.setdefault(key, (source, fid))
+            self._attached[source.location] = source
+            return source
+
+    def read(self, key: str) -> torch.Tensor:
+        """The fragment from the fastest tier holding it, without keeping a new copy anywhere.
+
+        For reads that must not disturb residency (saving a model's original weights, checking a
+        weight against a checkpoint).
+
+        Raises:
+            UnknownFragmentError: no tier holds ``key``.
+            CorruptFragmentError: the copy read from DISK or REMOTE fails its checksum.
+        """
+        self._check_key(key)
+        with self._lock:
+            self._check_open()
+            tiers = self._tiers_holding(key)
+            if not tiers:
+                raise self._unknown(key)
+            tier = tiers[0]
+            self._hits[tier] += 1
+            if key in self._lru[tier]:
+                return self._timed_read(tier, key)
+            read = self._source_reader(tier, key)
+        started = time.perf_counter()
+        tensor = read()
+        with self._lock:
+            self._record_latency(tier, time.perf_counter() - started)
+        return tensor
+
+    def ready(self, key: str) -> bool:
+        """True when a raise can use ``key`` without waiting on a read: a copy is in DEVICE or
+        HOST, or it is on local DISK and the HOST tier is bounded with no room for it (then the
+        raise reads it from DISK: prefetching it could only evict other fragments). A fragment
+        only a URL holds is never ready: fetch it first (the ``Prefetcher`` does)."""
+        with self._lock:
+            if key in self._lru[CacheTier.DEVICE] or key in self._lru[CacheTier.HOST]:
+                return True
+            if not self._holds(CacheTier.DISK, key):
+                return False
+            capacity = self.config.capacity(CacheTier.HOST)
+            return capacity is not None and capacity - self._used[CacheTier.HOST] < self._nbytes_locked(key)
+
+    def fragment_nbytes(self, key: str) -> int:
+        """Bytes of fragment ``key`` (from a copy, or from its source's index).
+
+        Raises:
+            UnknownFragmentError: no tier holds ``key``.
+        """
+        with self._lock:
+            if not self._tiers_holding(key):
+                raise self._unknown(key)
+            return self._nbytes_locked(key)
+
+    def _nbytes_locked(self, key: str) -> int:
+        for tier in CacheTier:
+            if key in self._lru[tier]:
+                return self._lru[tier][key]
+            attached = self._registry.get(tier, {}).get(key)
+            if attached is not None:
+                source, fid = attached
+                return int(source.index["fragments"][fid]["length"])
+        return 0
+
+    def host_room(self) -> int | None:
+        """Bytes the HOST tier can take without evicting anything (None: unbounded)."""
+        capacity = self.config.capacity(CacheTier.HOST)
+        with self._lock:
+            return None if capacity is None else max(0, capacity - self._used[CacheTier.HOST])
+
+    def own(self, key: str, owner: str) -> None:
+        """Record that ``owner`` (a model) uses ``key``: its writable copies live while some
+        owner remains (see :meth:`disown`)."""
+        self._check_key(key)
+        with self._lock:
+            self._owners.setdefault(key, set()).add(owner)
+
+    def disown(self, owner: str) -> None:
+        """``owner`` is gone: drop the writable copies of the keys no other owner uses.
+
+        The read-only sources (checkpoints, URLs) are untouched, and a key still held at DEVICE
+        by someone keeps its copies. Fragments put by a model patched from memory leave with it.
+        """
+        with self._lock:
+            for key in [k for k, owners in self._owners.items() if owner in owners]:
+                owners = self._owners[key]
+                owners.discard(owner)
+                if owners or self._holders.get(key):
+                    continue
+                del self._owners[key]
+                for tier in self._writable_tiers(key):
+                    self._drop(key, tier)
+
+    def acquire(self, key: str, holder: str) -> torch.Tensor:
+        """The fragment at DEVICE for a forward, held by ``holder`` until :meth:`release`.
+
+        The DEVICE copy is shared by every holder of the same content key; the first holder
+        (oldest) is the one charged for it (:meth:`charged_bytes`). A HOST copy is dropped once
+        the fragment is at DEVICE when a copy below HOST exists (HOST holds what is *not*
+        resident: prefetched and recently lowered fragments).
+
+        Raises:
+            UnknownFragmentError, CorruptFragmentError, InsufficientMemoryError: as :meth:`get`.
+        """
+        tensor = self.get(key, CacheTier.DEVICE)
+        with self._lock:
+            self._check_open()
+            holders = self._holders.setdefault(key, OrderedDict())
+            holders[holder] = holders.get(holder, 0) + 1
+            if (key in self._lru[CacheTier.HOST]
+                    and any(self._holds(t, key) for t in (CacheTier.DISK, CacheTier.REMOTE))):
+                self._drop(key, CacheTier.HOST)
+            return self._stores[CacheTier.DEVICE].read(key) if key in self._lru[CacheTier.DEVICE] else tensor
+
+    def release(self, key: str, holder: str) -> None:
+        """``holder`` no longer needs ``key`` at DEVICE. When no holder is left the DEVICE copy
+        goes: to HOST while the HOST tier has free room (a cheap raise later), else it is
+        dropped if a lower copy exists, else written down (HOST, spilling to DISK)."""
+        with self._lock:
+            holders = self._holders.get(key)
+            if not holders or holder not in holders:
+                return
+            holders[holder] -= 1
+            if holders[holder] <= 0:
+                del holders[holder]
+            if holders:
+                return
+            del self._holders[key]
+            if self._closed or key not in self._lru[CacheTier.DEVICE]:
+                return
+            nbytes = self._lru[CacheTier.DEVICE][key]
+            room = self.config.capacity(CacheTier.HOST)
+            if key not in self._lru[CacheTier.HOST] and (room is None or self._used[CacheTier.HOST] + nbytes <= room):
+                self._push_to(key, CacheTier.DEVICE, CacheTier.HOST)
+                self._drop(key, CacheTier.DEVICE)
+            else:
+                self._evict_one(key, CacheTier.DEVICE)
+
+    def charged_bytes(self, holder: str) -> int:
+        """DEVICE bytes charged to ``holder``: the fragments it holds and was the first to hold."""
+        with self._lock:
+            return sum(self._lru[CacheTier.DEVICE].get(key, 0) for key, holders in self._holders.items()
+                       if next(iter(holders)) == holder)
+
+    def shared_bytes(self, holder: str) -> int:
+        """DEVICE bytes ``holder`` holds that another, older holder is charged for."""
+        with self._lock:
+            return sum(self._lru[CacheTier.DEVICE].get(key, 0) for key, holders in self._holders.items()
+                       if holder in holders and next(iter(holders)) != holder)
+
     def _finish_get(self, key: str, tier: CacheTier, source: CacheTier, tensor: torch.Tensor) -> torch.Tensor:
         """Count the hit and copy ``tensor`` (read from ``source``) to ``tier``; lock held."""
         self._hits[source] += 1
@@ -198,11 +409,13 @@ class FragmentCache:
             self._touch(key, tier)
             return tensor if source is tier else self._stores[tier].read(key)
         nbytes = tensor_nbytes(tensor)
+        self._bytes_out[source] += nbytes
         if source is CacheTier.REMOTE and self.config.stage_remote_on_disk and tier < CacheTier.DISK:
             self._stage_on_disk(key, tensor)
         if not self._writable(tier):
             return tensor
         self._store(key, tensor, tier)
+        self._bytes_in[tier] += nbytes
         if source > tier:
             self._promotions += 1
             self._bytes_promoted += nbytes
@@ -273,8 +486,7 @@ class FragmentCache:
             seen: set[str] = set()
             for tier in CacheTier:
                 seen.update(self._lru[tier])
-                if tier in self._stores:
-                    seen.update(self._stores[tier].source_keys())
+                seen.update(self._all_source_keys(tier))
             return iter(sorted(seen))
 
     def resident_bytes(self, tier: CacheTier) -> int:
@@ -285,11 +497,7 @@ class FragmentCache:
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters (see ``CacheStats``)."""
         with self._lock:
-            entries = {}
-            for tier in CacheTier:
-                store = self._stores.get(tier)
-                sources = set(store.source_keys()) if store is not None else set()
-                entries[tier] = len(sources | set(self._lru[tier]))
+            entries = {tier: len(self._all_source_keys(tier) | set(self._lru[tier])) for tier in CacheTier}
             return CacheStats(
                 hits=dict(self._hits),
                 misses=dict(self._misses),
@@ -300,6 +508,10 @@ class FragmentCache:
                 evictions=self._evictions,
                 bytes_promoted=self._bytes_promoted,
                 bytes_demoted=self._bytes_demoted,
+                bytes_in=dict(self._bytes_in),
+                bytes_out=dict(self._bytes_out),
+                fetch_p50_s={tier: _percentile(self._latencies[tier], 0.50) for tier in CacheTier},
+                fetch_p99_s={tier: _percentile(self._latencies[tier], 0.99) for tier in CacheTier},
             )
 
     def close(self) -> None:
@@ -330,8 +542,37 @@ class FragmentCache:
         return [tier for tier in CacheTier if self._holds(tier, key)]
 
     def _source_has(self, tier: CacheTier, key: str) -> bool:
+        if key in self._registry.get(tier, ()):
+            return True
         store = self._stores.get(tier)
         return store is not None and store.source_has(key)
+
+    def _all_source_keys(self, tier: CacheTier) -> set[str]:
+        store = self._stores.get(tier)
+        return set(self._registry.get(tier, ())) | (set(store.source_keys()) if store is not None else set())
+
+    def _source_reader(self, tier: CacheTier, key: str):
+        """A no-argument callable reading ``key`` from ``tier``'s read-only source."""
+        attached = self._registry.get(tier, {}).get(key)
+        if attached is not None:
+            source, fid = attached
+            return lambda: source.read_fragment(fid)
+        store = self._stores[tier]
+        return lambda: store.read_source(key)
+
+    def _timed_read(self, tier: CacheTier, key: str) -> torch.Tensor:
+        """Read the writable copy at ``tier`` (lock held), timing reads from DISK."""
+        started = time.perf_counter()
+        tensor = self._stores[tier].read(key)
+        if tier >= CacheTier.DISK:
+            self._record_latency(tier, time.perf_counter() - started)
+        return tensor
+
+    def _record_latency(self, tier: CacheTier, seconds: float) -> None:
+        latencies = self._latencies[tier]
+        latencies.append(seconds)
+        if len(latencies) > 2 * _LATENCY_WINDOW:
+            del latencies[:-_LATENCY_WINDOW]
 
     def _source_tiers(self, key: str) -> list[CacheTier]:
         return [tier for tier in CacheTier if self._source_has(tier, key)]
@@ -416,6 +657,8 @@ class FragmentCache:
         self._store(key, tensor, target)
         self._demotions += 1
         self._bytes_demoted += tensor_nbytes(tensor)
+        self._bytes_out[source] += tensor_nbytes(tensor)
+        self._bytes_in[target] += tensor_nbytes(tensor)
 
     def _drop(self, key: str, tier: CacheTier) -> None:
         nbytes = self._lru[tier].pop(key, None)
@@ -433,6 +676,7 @@ class FragmentCache:
             return
         self._promotions += 1
         self._bytes_promoted += tensor_nbytes(tensor)
+        self._bytes_in[CacheTier.DISK] += tensor_nbytes(tensor)
 
     def _unknown(self, key: str) -> UnknownFragmentError:
         return UnknownFragmentError(
@@ -456,3 +700,11 @@ class FragmentCache:
     def _check_key(key: object) -> None:
         if not isinstance(key, str) or not key:
             raise InvalidRequestError(f"fragment keys are non-empty strings, got {key!r}")
+
+
+def _percentile(values: list[float], share: float) -> float:
+    """The ``share`` quantile of ``values`` (nearest rank; 0.0 when empty)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]

@@ -35,9 +35,6 @@ from .config import CacheTier
 __all__ = ["RemoteTier"]
 
 _CHUNK = 1 << 20
-
-
-_CHUNK = 1 << 20
 _MAX_REDIRECTS = 5
 _MAX_HEADER_BYTES = 64 << 10
 
@@ -79,8 +76,9 @@ class RemoteTier(TierStore):
         check_remote_url(self.base_url, allow_insecure=self.allow_insecure)
         index_url = urllib.parse.urljoin(self.base_url, INDEX_NAME)
         raw_index = self._get(index_url, None, max_index_bytes, what="the holo index")
-        self._entries: dict[str, dict] = parse_index(
-            raw_index, index_url, max_index_bytes=max_index_bytes, max_fragment_bytes=max_fragment_bytes)["fragments"]
+        self.index = parse_index(raw_index, index_url, max_index_bytes=max_index_bytes,
+                                 max_fragment_bytes=max_fragment_bytes)
+        self._entries: dict[str, dict] = self.index["fragments"]
 
     def read(self, key: str) -> torch.Tensor:
         return self.read_source(key)
@@ -103,6 +101,14 @@ class RemoteTier(TierStore):
 
     def source_keys(self) -> Iterable[str]:
         return self._entries.keys()
+
+    def fetch(self, url: str, limit: int, *, what: str) -> bytes:
+        """GET a whole file under the same rules as fragments (deadline, redirects, size cap).
+
+        Raises:
+            CorruptFragmentError: no complete answer (the message names the HTTP status).
+        """
+        return self._get(url, None, limit, what=what)
 
     def _get(self, url: str, byte_range: tuple[int, int] | None, limit: int, *, what: str) -> bytes:
         """GET ``url`` (one byte range of it, or all of it up to ``limit`` bytes) by the deadline.

@@ -252,10 +252,13 @@ class HoloTensor:
             meta: the JSON-able description (``shape``, ``dtype``, ``scheme`` and code parameters,
                 ``levels`` with bytes and fidelity, ``fragments`` with level and kind).
             fragments: fragment name -> tensor; may be a subset (then only the levels whose
-                fragments are all present can be decoded).
+                fragments are all present can be decoded), or a
+                :class:`~torch_arbiter.cache.CachedFragments` read through a fragment cache.
         """
         self.meta = meta
-        self.fragments = dict(fragments)
+        # A cache-backed mapping (``CachedFragments``) is kept as is: reading it all would load
+        # every level, which is what the cache is there to avoid.
+        self.fragments = fragments if hasattr(fragments, "acquire") else dict(fragments)
 
     # -- description ---------------------------------------------------------------------------
 

@@ -249,8 +249,29 @@ def _copy_side_files(source: Path, dest: Path, metadata: dict) -> None:
             for path in Path(staging).iterdir():
                 if path.is_file():
                     atomic_write(dest / path.name, path.read_bytes())
-    if not source.is_dir() or metadata["kind"] == "gguf":  # a GGUF's folder is not a model dir
-        return
+    if source.is_dir() and metadata["kind"] != "gguf":  # a GGUF's folder is not a model dir
+        _copy_model_dir_files(source, dest)
+    _write_side_file_list(dest)
+
+
+def _write_side_file_list(dest: Path) -> None:
+    """List the side files (path -> sha256) so a reader over HTTP knows what to fetch and check."""
+    import hashlib
+    import json
+
+    from ..cache.sources import SIDE_FILES_NAME
+
+    listed = {}
+    for path in sorted(dest.rglob("*")):
+        relative = path.relative_to(dest).as_posix()
+        if path.is_file() and relative != INDEX_NAME and relative != SIDE_FILES_NAME and not (
+                path.parent == dest and path.name.startswith("fragments-")):
+            listed[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write(dest / SIDE_FILES_NAME, json.dumps(listed, indent=1).encode())
+
+
+def _copy_model_dir_files(source: Path, dest: Path) -> None:
+    """Copy the configs, tokenizers and other small non-weight files of a model directory."""
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if (not path.is_file() or path.suffix in _WEIGHT_SUFFIXES or path.name == INDEX_NAME

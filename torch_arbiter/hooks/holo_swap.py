@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import PatchError
-from ..holo import HoloCheckpoint, HoloTensor
+from ..holo import HoloTensor
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
+
+if TYPE_CHECKING:
+    from ..cache import FragmentCache
+    from ..cache.sources import CheckpointSource
 
 __all__ = ["HOLO_SWAP_HOOK", "SwappedLayer", "find_swappable", "apply_holo_swap", "remove_holo_swap"]
 
@@ -68,7 +72,7 @@ class SwappedLayer:
     tied: bool = False
 
 
-def _is_supported(module: nn.Module) -> bool:
+def _is_supported(module: nn.Module, allow_meta: bool = False) -> bool:
     if isinstance(module, _HOLO_TYPES) or not hasattr(module, "weight"):
         return False
     if type(module) is nn.Linear:
@@ -81,7 +85,7 @@ def _is_supported(module: nn.Module) -> bool:
             return False
     else:
         return False
-    return module.weight.device.type != "meta"
+    return allow_meta or module.weight.device.type != "meta"
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,10 @@ class _Target:
     head: str | None = None
 
 
-def _targets(root: nn.Module) -> list[_Target]:
-    """What to swap, heads before the embeddings tied to them."""
-    candidates = [(name, m) for name, m in root.named_modules(remove_duplicate=True) if _is_supported(m)]
+def _targets(root: nn.Module, allow_meta: bool = False) -> list[_Target]:
+    """What to swap, heads before the embeddings tied to them (``meta`` weights too when their
+    fragments come from a checkpoint)."""
+    candidates = [(name, m) for name, m in root.named_modules(remove_duplicate=True) if _is_supported(m, allow_meta)]
     by_id = {id(m): name for name, m in candidates}
     owners: dict[int, list[nn.Module]] = {}
     for module in root.modules():
@@ -118,18 +123,20 @@ def _targets(root: nn.Module) -> list[_Target]:
     return plain + tied
 
 
-def find_swappable(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def find_swappable(root: nn.Module, allow_meta: bool = False) -> list[tuple[str, nn.Module]]:
     """The ``(qualified name, layer)`` pairs of ``root`` that :func:`apply_holo_swap` would swap.
 
     Args:
         root: any module tree.
+        allow_meta: include layers whose weight is on the ``meta`` device (swapped only when
+            their fragments come from a checkpoint).
 
     Returns:
         Exact ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` instances (not subclasses, whose
         forward may differ), each once, heads before the embeddings tied to them; layers whose
         weight is shared in any other way are left out.
     """
-    return [(target.name, target.module) for target in _targets(root)]
+    return [(target.name, target.module) for target in _targets(root, allow_meta)]
 
 
 def _parent_of(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -137,7 +144,7 @@ def _parent_of(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attribute
 
 
-def _checkpoint_name(checkpoint: HoloCheckpoint, names: list[str]) -> str:
+def _checkpoint_name(checkpoint: CheckpointSource, names: list[str]) -> str:
     """The first of ``names`` the checkpoint stores (directly or as a tied alias)."""
     aliases = checkpoint.metadata.get("tied", {})
     for name in names:
@@ -146,30 +153,24 @@ def _checkpoint_name(checkpoint: HoloCheckpoint, names: list[str]) -> str:
         if aliases.get(name) in checkpoint.index["tensors"]:
             return aliases[name]
     raise PatchError(
-        f"holo checkpoint {checkpoint.path} has no tensor {names[0]!r}: it was converted from "
+        f"holo checkpoint {checkpoint.location} has no tensor {names[0]!r}: it was converted from "
         "another model; convert this model with `torch-arbiter convert` or pass holo_dir=None")
 
 
-def _holo_from_checkpoint(checkpoint: HoloCheckpoint, names: list[str], module: nn.Module) -> HoloTensor:
-    stored = _checkpoint_name(checkpoint, names)
-    holo = checkpoint.load_tensor(stored)
-    weight = module.weight.detach()
-    if not isinstance(holo, HoloTensor) or tuple(holo.shape) != tuple(weight.shape) \
-            or holo.dtype != weight.dtype:
-        raise PatchError(
-            f"tensor {stored!r} in {checkpoint.path} does not match the model's "
-            f"{tuple(weight.shape)} {weight.dtype} weight; convert this model again")
-    if not torch.equal(holo.fragment("exact"), weight.to("cpu")):
-        raise PatchError(
-            f"tensor {stored!r} in {checkpoint.path} differs from the model's weight: the "
-            "checkpoint was made from other weights; convert this model again")
-    return holo
-
-
-def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict):
+def _build_holo(module: nn.Module, holo: HoloTensor | None, encode_options: dict, device: torch.device | None):
     if holo is None:
-        holo = HoloTensor.encode(module.weight.detach(), **encode_options)
-    return _HOLO_OF[type(module)].from_encoded(module, holo)
+        return _HOLO_OF[type(module)].from_encoded(module, HoloTensor.encode(module.weight.detach(), **encode_options))
+    # From a checkpoint: nothing is held until the arbiter grants a level (a raise reads it then).
+    return _HOLO_OF[type(module)].from_encoded(module, holo, level=0, device=device)
+
+
+def _layer_device(module: nn.Module, device: torch.device | None, cache: "FragmentCache | None") -> torch.device:
+    """Where a Holo layer lives: its weight's device, or (a ``meta`` weight) ``device`` / the cache's."""
+    if module.weight.device.type != "meta":
+        return module.weight.device
+    if device is not None:
+        return torch.device(device)
+    return torch.device(cache.config.device) if cache is not None else torch.device("cpu")
 
 
 def _check_encode_options(encode_options: object) -> dict:
@@ -192,7 +193,8 @@ def _empty_like(param: nn.Parameter) -> torch.Tensor:
     return torch.empty(0, dtype=param.dtype, device=param.device)
 
 
-def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckpoint | None = None,
+def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: "CheckpointSource | None" = None,
+                    cache: "FragmentCache | None" = None, holder: str = "", device: torch.device | None = None,
                     encode_options: dict | None = None, progress: bool = True,
                     description: str | None = None,
                     calibration: Mapping[nn.Module, torch.Tensor] | None = None) -> list[SwappedLayer]:
@@ -202,8 +204,13 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
         root: the module tree to change in place.
         prefix: prepended to each weight's state-dict name (``"unet/"`` for a pipeline component)
             to find it in ``checkpoint`` and to name it in plans.
-        checkpoint: read the encoded weights from this holo checkpoint instead of encoding;
-            each must hold exactly the model's weight (checked).
+        checkpoint: read the encoded weights from this holo checkpoint (attached to ``cache``)
+            instead of encoding; each must hold exactly the model's weight (compared by sha256),
+            or the weight is on the ``meta`` device (a model built without weights). The Holo
+            layers then start at level 0, holding nothing.
+        cache: the cache ``checkpoint`` is attached to (required with it).
+        holder: the model's holder token in ``cache``.
+        device: where layers built from a ``meta`` weight live (default: the cache's device).
         encode_options: passed to :meth:`HoloTensor.encode` (``group_size``, ``rank``, ...).
         progress: show a tqdm bar.
         description: the bar's label.
@@ -223,7 +230,9 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
     from tqdm.auto import tqdm
 
     options = _check_encode_options(encode_options)
-    targets = _targets(root)
+    if checkpoint is not None and cache is None:
+        raise PatchError("apply_holo_swap(checkpoint=...) needs the cache the checkpoint is attached to")
+    targets = _targets(root, allow_meta=checkpoint is not None)
     tied_heads = {target.head for target in targets if target.head is not None}
     embedding_of = {target.head: target.name for target in targets if target.head is not None}
     swapped: list[SwappedLayer] = []
@@ -234,16 +243,22 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: HoloCheckp
             module = target.module
             if target.head is not None:  # reads the head's codes: nothing to encode or load
                 head = by_name[target.head]
-                replacement = HoloEmbedding.tied_to(head.holo, module)
+                # From a checkpoint the head was matched to the shared weight already (by sha256).
+                replacement = HoloEmbedding.tied_to(head.holo, module, check=checkpoint is None)
                 tensor_name = head.tensor_name
             else:
                 # A tied head is named after its embedding: the name a saved checkpoint keeps.
                 names = [f"{prefix}{embedding_of[target.name]}.weight"] if target.name in tied_heads else []
                 names.append(f"{prefix}{target.name}.weight")
                 tensor_name = names[0]
-                holo = _holo_from_checkpoint(checkpoint, names, module) if checkpoint is not None else None
+                holo = None
+                if checkpoint is not None:
+                    from .cached_weights import holo_from_source
+
+                    holo = holo_from_source(checkpoint, _checkpoint_name(checkpoint, names), module, cache, holder)
                 inputs = (calibration or {}).get(module)
-                replacement = _build_holo(module, holo, options if inputs is None else {**options, "calibration": inputs})
+                replacement = _build_holo(module, holo, options if inputs is None else {**options, "calibration": inputs},
+                                          _layer_device(module, device, cache))
             parent, attribute = _parent_of(root, target.name)
             setattr(parent, attribute, replacement)
             layer = SwappedLayer(tensor_name, parent, attribute, module, replacement, tied=target.head is not None)
@@ -266,12 +281,21 @@ def remove_holo_swap(layers: Iterable[SwappedLayer]) -> None:
     Args:
         layers: what :func:`apply_holo_swap` returned (in any order).
     """
+    rebuilt: dict[int, nn.Parameter] = {}  # a meta weight shared by a tied pair gets one new Parameter
     for layer in layers:
         original, holo = layer.original, layer.holo
         device = holo.bias.device if holo.bias is not None else holo._device_probe.device
         exact = holo.holo.fragment("exact")
+        holo.set_level(0)  # let go of what it holds in a cache (the exact copy read above stays)
         # The HoloTensor is dropped after this, so its exact fragment can become the weight again.
-        original.weight.data = exact if exact.device == device else exact.to(device)
+        exact = exact if exact.device == device else exact.to(device)
+        weight = original.weight
+        if weight.device.type == "meta":  # built without weights (loaded from a checkpoint)
+            if id(weight) not in rebuilt:
+                rebuilt[id(weight)] = nn.Parameter(exact, requires_grad=weight.requires_grad)
+            original.weight = rebuilt[id(weight)]
+        else:
+            weight.data = exact
         if getattr(original, "bias", None) is not None:
             original.bias.data = holo.bias.detach().clone()
         setattr(layer.parent, layer.attribute, original)

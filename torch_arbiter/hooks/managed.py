@@ -33,23 +33,28 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..allocation import AllocationState
+from ..cache import CacheConfig, CacheTier, FragmentCache
+from ..cache.prefetch import Prefetcher, PrefetchStats
 from ..errors import AllocationTimeoutError, InvalidRequestError, PatchError, PreemptedError
-from ..holo import HoloCheckpoint, plan_bytes, plan_order, plan_quality
+from ..holo import plan_bytes, plan_order, plan_quality
 from ..holo.calibrate import collect_linear_inputs
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 from ..nn.modules import guard_dtype_changes
 from ..priority import Priority, WorkloadKind, WorkloadType
+from .cached_weights import apply_fragment_cache, new_holder
 from .holo_swap import SwappedLayer, apply_holo_swap, remove_holo_swap
 from .safe_point import SafePointHandle, SafePointSwitch, apply_safe_point_hook
 from .self_calibration import self_calibration_run
 
-__all__ = ["ManagedModel", "patch", "managed_model_of", "managed_models"]
+__all__ = ["ManagedModel", "ModelCacheStats", "patch", "managed_model_of", "managed_models"]
 
 _log = logging.getLogger(__name__)
 _MARKER = "_torch_arbiter_managed"
@@ -134,6 +139,27 @@ def managed_models(arbiter: Any = None) -> "list[ManagedModel]":
     return sorted(found, key=lambda m: m.allocation.id if m.allocation is not None else 0)
 
 
+@dataclass(frozen=True)
+class ModelCacheStats:
+    """One model's view of the arbiter's fragment cache (:meth:`ManagedModel.cache_stats`).
+
+    Attributes:
+        charged_bytes: DEVICE bytes of fragments this model holds and is charged for.
+        shared_bytes: DEVICE bytes it holds that an older holder of the same content pays for.
+        fragments: fragments of its Holo layers that live in the cache.
+        ready_fragments: how many of them a raise can use now (see ``FragmentCache.ready``).
+        available_quality: the highest quality its ready fragments allow.
+        prefetch: what the prefetcher fetched, cancelled and failed for it, with latencies.
+    """
+
+    charged_bytes: int
+    shared_bytes: int
+    fragments: int
+    ready_fragments: int
+    available_quality: float
+    prefetch: PrefetchStats
+
+
 class ManagedModel:
     """A patched model or pipeline whose weight quality moves at run time.
 
@@ -152,9 +178,16 @@ class ManagedModel:
 
     def __init__(self, model: Any, components: Mapping[str, nn.Module], swapped: list[SwappedLayer],
                  switch_hooks: list[SafePointHandle], switch: SafePointSwitch[float], *,
-                 enforce: bool = True, timeout: float | None = None):
+                 enforce: bool = True, timeout: float | None = None, cache: FragmentCache | None = None,
+                 holder: str = "", prefetcher: Prefetcher | None = None):
         """Use :func:`patch`; this only wires already-swapped parts together."""
         self.model = model
+        self.cache = cache
+        self.holder = holder
+        self._prefetcher = prefetcher
+        self._listener = None
+        self._frontier = -1  # steps of plan_order whose fragments are ready (-1: not computed)
+        self._frontier_moved = False
         self._components = dict(components)
         self._swapped = swapped
         # A tied embedding holds nothing and follows its head: plan and count the weight once.
@@ -173,6 +206,7 @@ class ManagedModel:
         self.arbiter = None
         self._curve: list[tuple[float, int]] | None = None
         self._curve_qualities: list[float] = []
+        self._plan_steps: list[tuple[str, int, int]] | None = None
         self.fixed_bytes = self._measure_fixed_bytes()
         holo_full = sum(h.full_bytes for h in self._holos.values())
         self.full_bytes = self.fixed_bytes + holo_full
@@ -242,7 +276,7 @@ class ManagedModel:
         what the arbiter is given as ``curve``. ``bytes_at(q)`` of each point's ``q`` is its bytes.
         """
         if self._curve is None:
-            steps = plan_order(self._holos)
+            steps = self._steps()
             first = len(self._holos)
             spent = self.fixed_bytes + sum(extra for _, _, extra in steps[:first])
             points = [(self.min_quality, spent)]
@@ -292,9 +326,94 @@ class ManagedModel:
 
     @property
     def resident_bytes(self) -> int:
-        """Weight bytes held now, measured from the tensors: Holo layers' resident tensors plus
-        every other parameter and buffer (shared storage counted once)."""
-        return self.fixed_bytes_measured() + sum(m.resident_bytes for m in self._layers.values())
+        """Weight bytes held now and charged to this model, measured from the tensors: Holo
+        layers' resident tensors plus every other parameter and buffer (shared storage counted
+        once), less the fragments it shares with an older holder of the same content in the
+        arbiter's cache (that holder is charged for them)."""
+        shared = self.cache.shared_bytes(self.holder) if self.cache is not None else 0
+        return self.fixed_bytes_measured() + sum(m.resident_bytes for m in self._layers.values()) - shared
+
+    def cache_stats(self) -> ModelCacheStats:
+        """This model's side of the fragment cache: bytes charged and shared, fragments ready for
+        a raise, and what the prefetcher fetched for it (see :class:`ModelCacheStats`)."""
+        keys = [key for holo in self._holos.values() if hasattr(holo.fragments, "keys")
+                for key in getattr(holo.fragments, "keys", {}).values()]
+        prefetched = self._prefetcher.stats(self.holder) if self._prefetcher is not None else PrefetchStats()
+        cache = self.cache
+        return ModelCacheStats(
+            charged_bytes=cache.charged_bytes(self.holder) if cache is not None else 0,
+            shared_bytes=cache.shared_bytes(self.holder) if cache is not None else 0,
+            fragments=len(keys),
+            ready_fragments=sum(cache.ready(key) for key in keys) if cache is not None else 0,
+            available_quality=self.available_quality,
+            prefetch=prefetched)
+
+    @property
+    def available_quality(self) -> float:
+        """The highest quality whose fragments are ready (in memory, or on local DISK when HOST
+        has no room): the model never runs above it, whatever its grant. 1.0 for a model whose
+        fragments all live in memory."""
+        steps = self._steps()
+        frontier = self._ready_frontier()
+        if frontier >= len(steps):
+            return 1.0
+        first = len(self._holos)
+        spent = self.fixed_bytes + sum(extra for _, _, extra in steps[:max(first, frontier)])
+        return max(self.min_quality, self._quality_for_bytes(spent))
+
+    def _steps(self) -> list[tuple[str, int, int]]:
+        if self._plan_steps is None:
+            self._plan_steps = plan_order(self._holos)
+        return self._plan_steps
+
+    def _ready_frontier(self, start: int = 0) -> int:
+        """How many steps of the planner's order have every fragment ready, from ``start`` on."""
+        cache, steps = self.cache, self._steps()
+        if cache is None:
+            return len(steps)
+        index = start
+        while index < len(steps):
+            name, level, _ = steps[index]
+            fragments = self._holos[name].fragments
+            if hasattr(fragments, "acquire"):
+                if not all(cache.ready(fragments.keys[f]) for f in self._holos[name].level_fragments(level)):
+                    break
+            index += 1
+        return index
+
+    def _wanted_keys(self, q: float) -> list[str]:
+        """Content keys of the fragments quality ``q`` holds, in the planner's order."""
+        levels, _ = self._plan(q)
+        ordered: list[str] = []
+        for name, level, _ in self._steps():
+            if level > levels[name]:
+                continue
+            fragments = self._holos[name].fragments
+            if hasattr(fragments, "acquire"):
+                ordered.extend(fragments.keys[f] for f in self._holos[name].level_fragments(level))
+        return ordered
+
+    def _prefetch(self, q: float | None) -> None:
+        """Ask the prefetcher for what quality ``q`` needs (cancelling what it no longer does)."""
+        if self._prefetcher is None or self.cache is None or not self._patched:
+            return
+        target = 0.0 if q is None else max(self.min_quality, min(q, self._cap))
+        keys = self._wanted_keys(target) if target > 0 else []
+        self._prefetcher.want(self.holder, keys, self._on_landed)
+
+    def _on_landed(self, _key: str) -> None:
+        """A fragment arrived (or failed): when the ready prefix grew, let the model rise."""
+        if not self._patched:
+            return
+        frontier = self._ready_frontier(max(0, self._frontier))
+        if frontier <= self._frontier:
+            return
+        self._frontier = frontier
+        self._frontier_moved = True
+        if self.arbiter is not None and self.allocation is not None:
+            self.arbiter._applier.wake({self.allocation.id})
+        else:
+            self._switch.request(None)
 
     def fixed_bytes_measured(self) -> int:
         """Bytes of the parameters and buffers outside the Holo fragments, measured now."""
@@ -346,26 +465,35 @@ class ManagedModel:
                 return True
             if requested is not None:
                 self._cap = requested
+            self._frontier_moved = False
             if self.arbiter is None or self.allocation is None:
-                self._move(self._cap)
+                self._move(self._cap)  # an explicit set_quality reads what it needs now
                 return True
             allocation, arbiter = self.allocation, self.arbiter
             reserve = allocation.activation_bytes
+            self._prefetch(allocation.quality if allocation.state is AllocationState.ACTIVE else None)
+            available = self.available_quality
 
             def held_at(target: float | None) -> int:
-                return 0 if target is None else self._weights_at(max(min(target, self._cap), self.min_quality)) + reserve
+                if target is None:
+                    return 0
+                return self._weights_at(max(min(target, self._cap, available), self.min_quality)) + reserve
 
             holding = arbiter.held_bytes().get(allocation.id, 0)
             target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at)
             if not allowed:
                 return False
             moved = False
+            # Below its target only until the prefetcher lands the rest: the target stays due (the
+            # arbiter is not settled) unless a fetch failed for good, then this is where it stays.
+            waiting = (target is not None and available < min(target, self._cap)
+                       and not (self._prefetcher is not None and self._prefetcher.failed(self.holder)))
             try:
                 if target is None:
                     self._move(None)
                 else:
                     with self._scope():  # on CUDA, fragments raised now are charged to this model
-                        self._move(min(target, self._cap))
+                        self._move(min(target, self._cap, available))
                 moved = True
             finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
                 if moved and nbytes < holding and str(arbiter.config.device).startswith("cuda"):
@@ -373,8 +501,20 @@ class ManagedModel:
 
                     empty_pool_caches(arbiter)  # freed blocks stay cached in the pool, charged to it, until emptied
                 arbiter._commit_held(allocation, 0 if self._parked is not None else self.resident_bytes + reserve,
-                                     generation if moved else None)
+                                     generation if moved and not waiting else None)
+                if moved:
+                    self._recommit_sharers()
             return True
+
+    def _recommit_sharers(self) -> None:
+        """Charges of shared fragments may have moved to other models: tell the arbiter what they
+        hold now (the bytes in memory did not change, only who pays for them)."""
+        if self.cache is None or self.arbiter is None:
+            return
+        for other in managed_models(self.arbiter):
+            if other is self or other.cache is not self.cache or other.allocation is None or other.suspended:
+                continue
+            self.arbiter._update_held(other.allocation, other.resident_bytes + other.allocation.activation_bytes)
 
     def _move(self, q: float | None) -> None:
         """Hold the levels of quality ``q`` (None: hold nothing, every tensor to host memory)."""
@@ -388,9 +528,30 @@ class ManagedModel:
         levels, _ = self._plan(q)
         lowering = [(n, k) for n, k in levels.items() if k < self._layers[n].level]
         raising = [(n, k) for n, k in levels.items() if k > self._layers[n].level]
-        for name, level in lowering + raising:  # free memory before taking more
+        for name, level in lowering:  # free memory before taking more
+            self._layers[name].set_level(level)
+        self._fetch_for(raising)
+        for name, level in raising:
             self._layers[name].set_level(level)
         self._quality = max(q, self.min_quality)
+
+    def _fetch_for(self, raising: list[tuple[str, int]]) -> None:
+        """Bring the fragments of a raise into HOST in parallel (one round trip per fragment over
+        HTTP would otherwise be paid one layer after another), when HOST has room for them."""
+        cache = self.cache
+        if cache is None:
+            return
+        missing = []
+        for name, level in raising:
+            fragments = self._holos[name].fragments
+            if hasattr(fragments, "acquire"):
+                missing.extend(k for f in self._holos[name].level_fragments(level)
+                               if not cache.ready(k := fragments.keys[f]))
+        if not missing:
+            return
+        room = cache.host_room()
+        if room is None or room >= sum(cache.fragment_nbytes(k) for k in missing):
+            cache.get_many(missing, CacheTier.HOST)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
         tensors: dict[int, torch.Tensor] = {}
@@ -466,7 +627,11 @@ class ManagedModel:
 
     def _stale(self) -> bool:
         allocation, arbiter = self.allocation, self.arbiter
-        if not self._patched or allocation is None or arbiter is None:
+        if not self._patched:
+            return False
+        if self._frontier_moved:
+            return True
+        if allocation is None or arbiter is None:
             return False
         return arbiter._stale(allocation) or (allocation.released and self._parked is None)
 
@@ -487,6 +652,15 @@ class ManagedModel:
             managed = own()
             return True if managed is None or not managed.patched else managed._switch.apply_if_idle()
 
+        def prefetch_on_change(changes) -> None:  # prefetch as soon as the target moves, not at the switch
+            managed = own()
+            if managed is not None and managed.patched:
+                for change in changes:
+                    if change.allocation is managed.allocation:
+                        managed._prefetch(change.new_quality)
+
+        self._listener = prefetch_on_change
+        arbiter.add_listener(prefetch_on_change)
         arbiter._bind(allocation, settle)
         _REGISTERED.add(self)
 
@@ -513,10 +687,16 @@ class ManagedModel:
                 self._unpark_fixed()
                 for handle in self._switch_hooks:
                     handle.remove()
+                if self._prefetcher is not None:
+                    self._prefetcher.forget(self.holder)
                 remove_holo_swap(self._swapped)
+                if self.cache is not None:
+                    self.cache.disown(self.holder)
                 for module in self._components.values():
                     module.__dict__.pop(_MARKER, None)
         if self.arbiter is not None:
+            if self._listener is not None:
+                self.arbiter.remove_listener(self._listener)
             if self.allocation is not None and not self.allocation.released:
                 try:
                     self.allocation.release()
@@ -606,7 +786,12 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             isinstance(sub, (HoloLinear, HoloConv2d, HoloEmbedding)) for m in components.values() for sub in m.modules()):
         raise PatchError(f"this {type(obj).__name__} is already patched: use the ManagedModel "
                          "patch() returned, or unpatch() it first")
-    checkpoint = HoloCheckpoint.open(holo_dir) if holo_dir is not None else None
+    arbiter_for_cache = arbiter if arbiter is not None or not register else _default_arbiter()
+    cache = arbiter_for_cache.cache if arbiter_for_cache is not None else FragmentCache(CacheConfig(
+        device=_model_device(components)))
+    prefetcher = arbiter_for_cache.prefetcher if arbiter_for_cache is not None else None
+    cache_holder = new_holder(name or type(obj).__name__)
+    checkpoint = cache.attach(holo_dir) if holo_dir is not None else None
     inputs = None
     if checkpoint is not None or calibration is None or calibration is False:
         run = None
@@ -623,12 +808,14 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         for component, module in components.items():
             prefix = f"{component}/" if kind == "diffusers" else ""  # the names `convert` gives
             swapped.extend(apply_holo_swap(
-                module, prefix=prefix, checkpoint=checkpoint, encode_options=encode_options,
-                progress=progress, description=f"encoding {component or type(obj).__name__}",
-                calibration=inputs))
+                module, prefix=prefix, checkpoint=checkpoint, cache=cache, holder=cache_holder,
+                encode_options=encode_options, progress=progress,
+                description=f"encoding {component or type(obj).__name__}", calibration=inputs))
         if not swapped:
             raise PatchError(f"this {type(obj).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer "
                              "to make live; patch() has nothing to do for it")
+        if checkpoint is None:
+            apply_fragment_cache(swapped, cache, cache_holder)
         holder: list[ManagedModel] = []
         switch: SafePointSwitch[float] = SafePointSwitch(
             lambda q: holder[0]._apply(q), refresh=lambda: holder[0]._stale(), ready=lambda: holder[0]._runnable(),
@@ -636,7 +823,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         for module in components.values():
             hooks.append(apply_safe_point_hook(module, switch, run=lambda fn, *a, **k: holder[0]._run_forward(fn, *a, **k)))
             guard_dtype_changes(module)
-        managed = ManagedModel(obj, components, swapped, hooks, switch, enforce=enforce, timeout=timeout)
+        managed = ManagedModel(obj, components, swapped, hooks, switch, enforce=enforce, timeout=timeout,
+                               cache=cache, holder=cache_holder, prefetcher=prefetcher)
         holder.append(managed)
         for module in components.values():
             object.__setattr__(module, _MARKER, weakref.ref(managed))
@@ -650,8 +838,24 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             for handle in hooks:
                 handle.remove()
             remove_holo_swap(swapped)
+            cache.disown(cache_holder)
         raise
     return managed
+
+
+def _default_arbiter():
+    from ..arbiter import get_default_arbiter
+
+    return get_default_arbiter()
+
+
+def _model_device(components: Mapping[str, nn.Module]) -> torch.device:
+    """The device of the first real parameter (the CPU when there is none)."""
+    for module in components.values():
+        for param in module.parameters():
+            if param.device.type != "meta":
+                return param.device
+    return torch.device("cpu")
 
 
 def _check_arbiter(arbiter: Any) -> None:

@@ -28,6 +28,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from torch import nn
+
 from ..errors import InvalidRequestError, PatchError
 from ..priority import Priority, WorkloadType
 
@@ -147,47 +149,54 @@ _register()
 
 def from_holo_pretrained(holo_dir: str | os.PathLike, model_class=None, *,
                          quantization_config: HoloTensorConfig | None = None, **kwargs: Any):
-    """Load a transformers model from a directory made by ``torch-arbiter convert``, live.
+    """Load a model (or diffusers pipeline) converted by ``torch-arbiter convert``, live and
+    progressively: it runs as soon as its floor fragments are in.
+
+    The model is built on the ``meta`` device from the configs beside the checkpoint; only the
+    tensors that stay exact are read, the Holo layers start empty, and the arbiter's grant brings
+    the floor in before this returns. The rest of the fragments stream in the background (the
+    arbiter's prefetcher, planner order) and the quality rises as they land, never above the grant.
 
     Args:
-        holo_dir: the converted directory (``holo_index.json``, fragments, ``config.json``).
-        model_class: a transformers auto class or model class (default ``AutoModelForCausalLM``).
-        quantization_config: a :class:`HoloTensorConfig` (its ``holo_dir`` is set to ``holo_dir``).
-        **kwargs: passed to ``from_pretrained`` (``dtype``, ...).
+        holo_dir: the converted directory, or an ``http(s)://`` URL serving it (Range requests).
+        model_class: a transformers auto class or model class (default ``AutoModelForCausalLM``;
+            ignored for a pipeline, whose ``model_index.json`` names its classes).
+        quantization_config: a :class:`HoloTensorConfig` (workload, priority, name, register,
+            quality, arbiter); its ``holo_dir`` is set to ``holo_dir``.
+        **kwargs: ``dtype`` (default: the checkpoint's).
 
     Returns:
-        The patched model; ``managed_model_of(model)`` gives its :class:`ManagedModel`.
+        The patched model or pipeline; ``managed_model_of(obj)`` gives its :class:`ManagedModel`.
 
     Raises:
         FormatError: ``holo_dir`` is not a holo checkpoint.
-        PatchError: it has no ``config.json`` (it was not converted from a transformers model).
+        CorruptFragmentError: the URL cannot be fetched.
+        PatchError: it has no ``config.json`` / ``model_index.json`` (it was not converted from a
+            transformers model or a diffusers pipeline), or lacks a tensor the model needs.
+
+    Limits: other ``from_pretrained`` keyword arguments are refused (there is no dense load to
+    pass them to); a tokenizer is loaded by the caller (from the directory, or the URL's files).
     """
-    from ..holo import HoloCheckpoint, HoloTensor
+    from ..arbiter import get_default_arbiter
+    from .holo_loading import load_from_holo
+    from .managed import patch
 
-    root = Path(holo_dir)
-    checkpoint = HoloCheckpoint.open(root)
-    if not (root / "config.json").is_file():
-        raise PatchError(f"{root} has no config.json: convert a transformers model directory to load "
-                         "it with from_holo_pretrained")
-    if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
-    state_dict = {}
-    for name in checkpoint.tensor_names():
-        loaded = checkpoint.load_tensor(name)
-        state_dict[name] = loaded.fragment("exact") if isinstance(loaded, HoloTensor) else loaded
-    for alias, stored in checkpoint.metadata.get("tied", {}).items():
-        state_dict[alias] = state_dict[stored]
-    from transformers import AutoConfig
-
-    holo_config = quantization_config or HoloTensorConfig()
-    holo_config.holo_dir = str(root)
-    model_config = AutoConfig.from_pretrained(root, local_files_only=True)
-    if hasattr(model_class, "_model_mapping"):  # an Auto class: pick the concrete class from the config
-        try:
-            model_class = model_class._model_mapping[type(model_config)]
-        except KeyError:
-            raise PatchError(f"{model_class.__name__} cannot build a {type(model_config).__name__} "
-                             f"({root}); pass the right model_class") from None
-    # transformers takes a state dict only without a model path: the config says what to build.
-    return model_class.from_pretrained(None, config=model_config, state_dict=state_dict,
-                                       quantization_config=holo_config, **kwargs)
+    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype"})
+    if unknown:
+        raise InvalidRequestError(f"from_holo_pretrained takes no {unknown}: it builds the model from the "
+                                  "checkpoint's own config (pass dtype= to choose the dtype)")
+    config = quantization_config or HoloTensorConfig()
+    config.holo_dir = str(holo_dir)
+    arbiter = getattr(config, "_arbiter", None) or get_default_arbiter()
+    obj, _ = load_from_holo(holo_dir, arbiter.cache, model_class=model_class,
+                            dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
+    workload = next(m for m in WorkloadType if m.value.name == config.workload)
+    diffusers_pipeline = not isinstance(obj, nn.Module)
+    managed = patch(obj, arbiter, workload=WorkloadType.IMAGE_GENERATION if diffusers_pipeline else workload,
+                    priority=config.priority, name=config.name, holo_dir=holo_dir, register=config.register,
+                    progress=False)
+    if not config.register and config.quality is not None:
+        managed.set_quality(config.quality)
+    if isinstance(obj, nn.Module) and hasattr(obj, "config"):
+        obj.config.quantization_config = config
+    return obj

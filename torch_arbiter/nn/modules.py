@@ -106,6 +106,7 @@ class _HoloModule(nn.Module):
         self._weight_requires_grad = weight_requires_grad
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)
         self._resident: dict[str, torch.Tensor] = {}
+        self._acquired: dict[str, torch.Tensor] = {}  # fragments held at the cache's DEVICE tier
         self._codes: _kernels.Codes | None = None
         self._level = 0
         self.set_level(holo.num_levels if level is None else level)
@@ -203,15 +204,36 @@ class _HoloModule(nn.Module):
 
     def _hold(self, k: int, device: torch.device) -> None:
         self._resident, self._codes = {}, None  # release first: old and new levels never held together
+        keep = set(self.holo.level_fragments(k)) if k > 0 and self._cached(device) else set()
+        for name in [n for n in self._acquired if n not in keep]:
+            self._let_go(name)
         self._resident = self._build(k, device) if k > 0 else {}
         if k < self.num_levels and "hi" in self._resident:
             self._codes = _kernels.codes_for(self._resident, self.holo.meta, k)
 
+    def _cached(self, device: torch.device) -> bool:
+        """True when the fragments come from the arbiter's cache at this device's tier."""
+        fragments = self.holo.fragments
+        return hasattr(fragments, "acquire") and fragments.serves(device)
+
+    def _fetch(self, name: str, device: torch.device) -> torch.Tensor:
+        """Fragment ``name`` on ``device``: held at the cache's DEVICE tier, or a copy."""
+        if self._cached(device):
+            if name not in self._acquired:
+                self._acquired[name] = self.holo.fragments.acquire(name)
+            return self._acquired[name]
+        tensor = self.holo.fragment(name)
+        return tensor if tensor.device == device else tensor.to(device)
+
+    def _let_go(self, name: str) -> None:
+        """Stop holding an acquired fragment (the cache keeps or moves its copy)."""
+        if self._acquired.pop(name, None) is not None:
+            self.holo.fragments.release(name)
+
     def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
         if k == self.num_levels:
-            exact = self.holo.fragment("exact")
-            return {"weight": exact if exact.device == device else exact.to(device)}
-        return {name: self.holo.fragment(name).to(device) for name in self.holo.level_fragments(k)}
+            return {"weight": self._fetch("exact", device)}
+        return {name: self._fetch(name, device) for name in self.holo.level_fragments(k)}
 
     # -- shared compute ------------------------------------------------------------------------
 
@@ -302,20 +324,23 @@ class HoloLinear(_HoloModule):
         return cls.from_encoded(linear, HoloTensor.encode(linear.weight.detach(), **encode_options))
 
     @classmethod
-    def from_encoded(cls, linear: nn.Linear, holo: HoloTensor) -> "HoloLinear":
+    def from_encoded(cls, linear: nn.Linear, holo: HoloTensor, *, level: int | None = None,
+                     device: torch.device | None = None) -> "HoloLinear":
         """Wrap ``holo``, the already encoded weight of ``linear``, with its bias and flags.
 
         Args:
             linear: the layer the weight came from (left untouched).
             holo: its encoded weight (made now or read from a holo checkpoint).
+            level: the level to start at (default: the top, exact; 0 holds nothing).
+            device: where the layer lives (default: the linear's weight's device).
 
         Returns:
-            A HoloLinear at the top level on the linear's device.
+            A HoloLinear at ``level`` on that device.
         """
         if not isinstance(linear, nn.Linear):
             raise InvalidRequestError(f"from_encoded needs an nn.Linear, got {type(linear).__name__}")
-        module = cls(holo, linear.bias, weight_requires_grad=linear.weight.requires_grad)
-        return module.to(linear.weight.device)
+        module = cls(holo, linear.bias, weight_requires_grad=linear.weight.requires_grad, level=level)
+        return module.to(device if device is not None else linear.weight.device)
 
     def to_original(self) -> nn.Linear:
         """An ``nn.Linear`` bit-identical to the one encoded, on this module's device.
@@ -344,6 +369,8 @@ class HoloLinear(_HoloModule):
         if "lo" in resident:
             codes = torch.cat([codes, unpack_nibbles(resident.pop("lo"))], dim=1)
         resident["int4_codes"] = _int4.pack(codes)
+        for name in ("hi", "lo"):  # the packed copy is this layer's own: the cache's goes back
+            self._let_go(name)
         return resident
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -442,23 +469,26 @@ class HoloConv2d(_HoloModule):
         return cls.from_encoded(conv, HoloTensor.encode(conv.weight.detach(), **encode_options))
 
     @classmethod
-    def from_encoded(cls, conv: nn.Conv2d, holo: HoloTensor) -> "HoloConv2d":
+    def from_encoded(cls, conv: nn.Conv2d, holo: HoloTensor, *, level: int | None = None,
+                     device: torch.device | None = None) -> "HoloConv2d":
         """Wrap ``holo``, the already encoded weight of ``conv``, with its bias, options and flags.
 
         Args:
             conv: the layer the weight came from (left untouched).
             holo: its encoded weight (made now or read from a holo checkpoint).
+            level: the level to start at (default: the top, exact; 0 holds nothing).
+            device: where the layer lives (default: the conv's weight's device).
 
         Returns:
-            A HoloConv2d at the top level on the conv's device.
+            A HoloConv2d at ``level`` on that device.
         """
         if not isinstance(conv, nn.Conv2d):
             raise InvalidRequestError(f"from_encoded needs an nn.Conv2d, got {type(conv).__name__}")
         options = {key: getattr(conv, key) for key in
                    ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                     "groups", "padding_mode")}
-        module = cls(holo, conv.bias, options, weight_requires_grad=conv.weight.requires_grad)
-        return module.to(conv.weight.device)
+        module = cls(holo, conv.bias, options, weight_requires_grad=conv.weight.requires_grad, level=level)
+        return module.to(device if device is not None else conv.weight.device)
 
     def to_original(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` bit-identical to the one encoded, on this module's device."""
@@ -531,31 +561,41 @@ class HoloEmbedding(_HoloModule):
         return cls.from_encoded(embedding, HoloTensor.encode(embedding.weight.detach(), **encode_options))
 
     @classmethod
-    def from_encoded(cls, embedding: nn.Embedding, holo: HoloTensor) -> "HoloEmbedding":
+    def from_encoded(cls, embedding: nn.Embedding, holo: HoloTensor, *, level: int | None = None,
+                     device: torch.device | None = None) -> "HoloEmbedding":
         """Wrap ``holo``, the already encoded table of ``embedding``, with its options and flags.
 
         Args:
             embedding: the layer the table came from (left untouched).
             holo: its encoded table (made now or read from a holo checkpoint).
+            level: the level to start at (default: the top, exact; 0 holds nothing).
+            device: where the layer lives (default: the embedding's weight's device).
 
         Returns:
-            A HoloEmbedding at the top level on the embedding's device.
+            A HoloEmbedding at ``level`` on that device.
 
         Raises:
             InvalidRequestError: not an ``nn.Embedding``, or it uses ``max_norm``.
         """
-        module = cls(holo, cls._options_of(embedding), weight_requires_grad=embedding.weight.requires_grad)
-        return module.to(embedding.weight.device)
+        module = cls(holo, cls._options_of(embedding), weight_requires_grad=embedding.weight.requires_grad,
+                     level=level)
+        return module.to(device if device is not None else embedding.weight.device)
 
     @classmethod
-    def tied_to(cls, head: "HoloLinear", embedding: nn.Embedding) -> "HoloEmbedding":
+    def tied_to(cls, head: "HoloLinear", embedding: nn.Embedding, *, check: bool = True) -> "HoloEmbedding":
         """An embedding that reads ``head``'s codes (for a head tied to ``embedding``).
+
+        Args:
+            head: the HoloLinear of the shared weight.
+            embedding: the embedding that shares it.
+            check: compare the head's exact level with the table (False when the caller already
+                matched both to the same checkpoint tensor: reading it would load the whole table).
 
         Raises:
             InvalidRequestError: the head's weight is not the embedding's table (shape or values).
         """
         options = cls._options_of(embedding)
-        if tuple(head.holo.shape) != tuple(embedding.weight.shape) or not torch.equal(
+        if tuple(head.holo.shape) != tuple(embedding.weight.shape) or check and not torch.equal(
                 head.holo.fragment("exact"), embedding.weight.detach().to(head.holo.fragment("exact").device)):
             raise InvalidRequestError("the head's weight is not this embedding's table; tie only shared weights")
         return cls(head.holo, options, weight_requires_grad=embedding.weight.requires_grad, tied_head=head)
