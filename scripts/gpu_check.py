@@ -362,6 +362,7 @@ def run_checks(args: argparse.Namespace, prefix: str, state: dict) -> int:
     failures += check_int4_kernels(device, args.iters)
     failures += check_serve(device)
     failures += check_live_patch(device)
+    failures += check_fragment_cache(device)
     print("gpu_check: " + ("OK" if failures == 0 else f"{failures} check(s) failed"))
     return 0 if failures == 0 else 1
 
@@ -564,6 +565,87 @@ def check_live_patch(device: torch.device) -> int:
     chat.unpatch()
     image.unpatch()
     arbiter.close()
+    return failures
+
+
+def check_fragment_cache(device: torch.device) -> int:
+    """The fragment cache on CUDA (issue 14): a model loaded from a holo checkpoint on the device
+    holds its floor, streams the rest through pinned HOST memory, raises at memcpy speed, lowers
+    at once, and a second copy of the same checkpoint costs no device memory.
+
+    Returns the number of failed checks; prints what it measured.
+    """
+    import tempfile
+
+    from torch_arbiter import Arbiter, ArbiterConfig, CacheTier, patch
+    from torch_arbiter.holo.convert import convert
+
+    failures = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        dense_dir, holo_dir = f"{scratch}/llama", f"{scratch}/llama-holo"
+        build_llm().save_pretrained(dense_dir)
+        convert(dense_dir, holo_dir, progress=False)
+        reference = build_llm().to(device)
+        with torch.no_grad():
+            expected = llm_forward(reference, device, 1)
+        budget = 4 * param_bytes(reference)
+        del reference
+        torch.cuda.empty_cache()
+        arbiter = Arbiter(ArbiterConfig(vram_bytes=budget, device=f"cuda:{device.index}"))
+        print(f"\nfragment cache on {device}: HOST pinned={arbiter.cache.config.pin_host_memory}")
+        before = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        first = patch(build_llm().to(device), arbiter, holo_dir=holo_dir, name="llama-a", progress=False)
+        loaded_s = time.perf_counter() - started
+        floor_device = torch.cuda.memory_allocated(device) - before
+        settled = arbiter.wait_until_settled(120)
+        with torch.no_grad():
+            same = torch.equal(llm_forward(first.model, device, 1), expected)
+        ok = settled and first.quality == 1.0 and same
+        print(f"  patch(holo_dir=) returned in {loaded_s * 1e3:.0f} ms holding {floor_device / MIB:.1f} MiB on the device; "
+              f"settled at q={first.quality:.2f}, logits equal the dense model's: {same}{'' if ok else '  <- FAILED'}")
+        failures += not ok
+
+        delta = first.full_bytes - first.bytes_at(first.min_quality)
+        first.set_quality(first.min_quality, wait=True)
+        torch.cuda.synchronize(device)
+        host = arbiter.cache.stats().resident_bytes[CacheTier.HOST]
+        started = time.perf_counter()
+        first.set_quality(1.0, wait=True)
+        torch.cuda.synchronize(device)
+        raise_s = time.perf_counter() - started
+        pinned = torch.empty(delta, dtype=torch.uint8).pin_memory()
+        target = torch.empty(delta, dtype=torch.uint8, device=device)
+        started = time.perf_counter()
+        target.copy_(pinned)
+        torch.cuda.synchronize(device)
+        copy_s = time.perf_counter() - started
+        ok = raise_s <= 2 * copy_s + 0.005
+        print(f"  raise floor -> 1.0 with {host / MIB:.1f} MiB in HOST: {raise_s * 1e3:.2f} ms; a pinned copy of the "
+              f"{delta / MIB:.1f} MiB delta: {copy_s * 1e3:.2f} ms ({raise_s / copy_s:.2f}x){'' if ok else '  <- over 2x'}")
+        failures += not ok
+        started = time.perf_counter()
+        first.set_quality(first.min_quality, wait=True)
+        torch.cuda.synchronize(device)
+        lower_s = time.perf_counter() - started
+        ok = lower_s < 0.010
+        print(f"  lower 1.0 -> floor: {lower_s * 1e3:.2f} ms{'' if ok else '  <- over 10 ms'}")
+        failures += not ok
+        first.set_quality(1.0, wait=True)
+
+        before = torch.cuda.memory_allocated(device)
+        second = patch(build_llm().to(device), arbiter, holo_dir=holo_dir, name="llama-b", progress=False)
+        arbiter.wait_until_settled(120)
+        extra = torch.cuda.memory_allocated(device) - before
+        fixed = second.fixed_bytes
+        ok = second.quality == 1.0 and extra <= fixed + 4 * MIB and second.cache_stats().shared_bytes > 0
+        print(f"  the same checkpoint loaded again: +{extra / MIB:.1f} MiB on the device (its exact tensors "
+              f"{fixed / MIB:.1f} MiB), {second.cache_stats().shared_bytes / MIB:.1f} MiB of fragments shared"
+              f"{'' if ok else '  <- FAILED'}")
+        failures += not ok
+        second.unpatch()
+        first.unpatch()
+        arbiter.close()
     return failures
 
 

@@ -96,7 +96,10 @@ class MemoryTierStore(TierStore):
         return self._tensors[key]
 
     def write(self, key: str, tensor: torch.Tensor) -> int:
-        stored = tensor.detach().to(self.device)
+        # From pinned memory the copy to the device is asynchronous: later kernels on the stream
+        # wait for it, and torch's pinned allocator keeps the source block until it is done.
+        source = tensor.detach()
+        stored = source.to(self.device, non_blocking=source.device.type == "cpu" and source.is_pinned())
         if stored.untyped_storage().nbytes() != tensor_nbytes(stored):
             stored = stored.clone()
         if self.pin and stored.device.type == "cpu" and not stored.is_pinned():

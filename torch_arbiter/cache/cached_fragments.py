@@ -23,7 +23,7 @@ class CachedFragments(Mapping[str, torch.Tensor]):
 
     Args:
         cache: the cache (an arbiter's ``arbiter.cache``).
-        keys: fragment name -> content key in ``cache``.
+        keys: fragment name -> content key in ``cache`` (kept as ``content_keys``).
         holder: who holds the acquired fragments (a model's token: the cache charges shared
             fragments to their first holder).
 
@@ -33,20 +33,20 @@ class CachedFragments(Mapping[str, torch.Tensor]):
 
     def __init__(self, cache: FragmentCache, keys: Mapping[str, str], holder: str) -> None:
         self.cache = cache
-        self.keys = dict(keys)
+        self.content_keys = dict(keys)
         self.holder = holder
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.cache.read(self.keys[name])
+        return self.cache.read(self.content_keys[name])
 
     def __contains__(self, name: object) -> bool:
-        return name in self.keys
+        return name in self.content_keys
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys)
+        return iter(self.content_keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.content_keys)
 
     def serves(self, device: torch.device) -> bool:
         """True when the cache's DEVICE tier is ``device`` (else the module copies from HOST)."""
@@ -56,8 +56,8 @@ class CachedFragments(Mapping[str, torch.Tensor]):
 
     def acquire(self, name: str) -> torch.Tensor:
         """Fragment ``name`` at the cache's DEVICE tier, held until :meth:`release`."""
-        return self.cache.acquire(self.keys[name], self.holder)
+        return self.cache.acquire(self.content_keys[name], self.holder)
 
     def release(self, name: str) -> None:
         """Stop holding fragment ``name`` at DEVICE."""
-        self.cache.release(self.keys[name], self.holder)
+        self.cache.release(self.content_keys[name], self.holder)

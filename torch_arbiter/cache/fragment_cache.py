@@ -295,6 +295,47 @@ class FragmentCache:
             capacity = self.config.capacity(CacheTier.HOST)
             return capacity is not None and capacity - self._used[CacheTier.HOST] < self._nbytes_locked(key)
 
+    def prefetch(self, key: str) -> int:
+        """Bring ``key`` into HOST ahead of a raise (staging a network-only fragment on DISK when
+        HOST has no room for it); nothing when it is already in DEVICE or HOST.
+
+        Unlike ``get(key, HOST)`` this never makes a second memory copy of a fragment that
+        reaches DEVICE meanwhile (a raise may take it while the read is under way).
+
+        Returns:
+            The bytes read (0 when nothing had to be).
+
+        Raises:
+            UnknownFragmentError, CorruptFragmentError: as :meth:`get`.
+        """
+        self._check_key(key)
+        with self._lock:
+            self._check_open()
+            if key in self._lru[CacheTier.DEVICE] or key in self._lru[CacheTier.HOST]:
+                return 0
+            nbytes = self._nbytes_locked(key)
+            capacity = self.config.capacity(CacheTier.HOST)
+            to_host = capacity is None or capacity - self._used[CacheTier.HOST] >= nbytes
+            if not to_host and self._holds(CacheTier.DISK, key):
+                return 0  # stays on local DISK: a raise reads it there
+            source = self._find(key, CacheTier.DISK)
+            if key in self._lru[source]:
+                tensor = self._timed_read(source, key)
+                read = None
+            else:
+                read = self._source_reader(source, key)
+        if read is not None:
+            started = time.perf_counter()
+            tensor = read()
+        with self._lock:
+            self._check_open()
+            if read is not None:
+                self._record_latency(source, time.perf_counter() - started)
+            if key in self._lru[CacheTier.DEVICE] or key in self._lru[CacheTier.HOST]:
+                return 0
+            self._finish_get(key, CacheTier.HOST if to_host else CacheTier.DISK, source, tensor)
+            return tensor_nbytes(tensor)
+
     def fragment_nbytes(self, key: str) -> int:
         """Bytes of fragment ``key`` (from a copy, or from its source's index).
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..errors import ArbiterError, InsufficientMemoryError
-from .config import CacheTier
 from .fragment_cache import FragmentCache, _percentile
 
 __all__ = ["Prefetcher", "PrefetchStats"]
@@ -167,7 +166,7 @@ class Prefetcher:
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                nbytes = self._bring_up(key)
+                nbytes = self.cache.prefetch(key)
                 error = None
                 break
             except InsufficientMemoryError:
@@ -193,15 +192,3 @@ class Prefetcher:
                          "stays at the levels it has", key, self.retries + 1, error)
         callback(key)
 
-    def _bring_up(self, key: str) -> int:
-        """Copy ``key`` to HOST when it has room, else stage a network-only fragment on DISK."""
-        cache = self.cache
-        if cache.ready(key):
-            return 0
-        nbytes = cache.fragment_nbytes(key)
-        room = cache.host_room()
-        if room is None or room >= nbytes:
-            cache.get(key, CacheTier.HOST)
-        else:
-            cache.get(key, CacheTier.DISK)
-        return nbytes

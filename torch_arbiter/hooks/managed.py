@@ -188,6 +188,7 @@ class ManagedModel:
         self._listener = None
         self._frontier = -1  # steps of plan_order whose fragments are ready (-1: not computed)
         self._frontier_moved = False
+        self._streaming = False  # runs below its target while the prefetcher brings the rest
         self._components = dict(components)
         self._swapped = swapped
         # A tied embedding holds nothing and follows its head: plan and count the weight once.
@@ -336,8 +337,7 @@ class ManagedModel:
     def cache_stats(self) -> ModelCacheStats:
         """This model's side of the fragment cache: bytes charged and shared, fragments ready for
         a raise, and what the prefetcher fetched for it (see :class:`ModelCacheStats`)."""
-        keys = [key for holo in self._holos.values() if hasattr(holo.fragments, "keys")
-                for key in getattr(holo.fragments, "keys", {}).values()]
+        keys = [key for name in self._holos for key in self._content_keys(name)]
         prefetched = self._prefetcher.stats(self.holder) if self._prefetcher is not None else PrefetchStats()
         cache = self.cache
         return ModelCacheStats(
@@ -349,10 +349,17 @@ class ManagedModel:
             prefetch=prefetched)
 
     @property
+    def streaming(self) -> bool:
+        """True while the model runs below its target because fragments are still on their way
+        (the prefetcher brings them; the quality rises as they land)."""
+        return self._streaming
+
+    @property
     def available_quality(self) -> float:
         """The highest quality whose fragments are ready (in memory, or on local DISK when HOST
         has no room): the model never runs above it, whatever its grant. 1.0 for a model whose
-        fragments all live in memory."""
+        fragments all live in memory, and for one with no prefetcher (patched with
+        ``register=False`` and no arbiter: its raises read what they need)."""
         steps = self._steps()
         frontier = self._ready_frontier()
         if frontier >= len(steps):
@@ -369,28 +376,30 @@ class ManagedModel:
     def _ready_frontier(self, start: int = 0) -> int:
         """How many steps of the planner's order have every fragment ready, from ``start`` on."""
         cache, steps = self.cache, self._steps()
-        if cache is None:
+        if cache is None or self._prefetcher is None:  # nothing brings fragments ahead: a raise reads them
             return len(steps)
         index = start
-        while index < len(steps):
-            name, level, _ = steps[index]
-            fragments = self._holos[name].fragments
-            if hasattr(fragments, "acquire"):
-                if not all(cache.ready(fragments.keys[f]) for f in self._holos[name].level_fragments(level)):
-                    break
+        while index < len(steps) and all(cache.ready(key) for key in self._content_keys(*steps[index][:2])):
             index += 1
         return index
+
+    def _content_keys(self, name: str, level: int | None = None) -> list[str]:
+        """Cache keys of Holo layer ``name``'s fragments at ``level`` (all levels when None);
+        empty when its fragments are not in a cache."""
+        holo = self._holos[name]
+        fragments = holo.fragments
+        if not hasattr(fragments, "acquire"):
+            return []
+        names = fragments.content_keys if level is None else holo.level_fragments(level)
+        return [fragments.content_keys[f] for f in names]
 
     def _wanted_keys(self, q: float) -> list[str]:
         """Content keys of the fragments quality ``q`` holds, in the planner's order."""
         levels, _ = self._plan(q)
         ordered: list[str] = []
         for name, level, _ in self._steps():
-            if level > levels[name]:
-                continue
-            fragments = self._holos[name].fragments
-            if hasattr(fragments, "acquire"):
-                ordered.extend(fragments.keys[f] for f in self._holos[name].level_fragments(level))
+            if level <= levels[name]:
+                ordered.extend(self._content_keys(name, level))
         return ordered
 
     def _prefetch(self, q: float | None) -> None:
@@ -488,6 +497,7 @@ class ManagedModel:
             # arbiter is not settled) unless a fetch failed for good, then this is where it stays.
             waiting = (target is not None and available < min(target, self._cap)
                        and not (self._prefetcher is not None and self._prefetcher.failed(self.holder)))
+            self._streaming = waiting
             try:
                 if target is None:
                     self._move(None)
@@ -541,12 +551,7 @@ class ManagedModel:
         cache = self.cache
         if cache is None:
             return
-        missing = []
-        for name, level in raising:
-            fragments = self._holos[name].fragments
-            if hasattr(fragments, "acquire"):
-                missing.extend(k for f in self._holos[name].level_fragments(level)
-                               if not cache.ready(k := fragments.keys[f]))
+        missing = [key for name, level in raising for key in self._content_keys(name, level) if not cache.ready(key)]
         if not missing:
             return
         room = cache.host_room()
@@ -695,6 +700,7 @@ class ManagedModel:
                 for module in self._components.values():
                     module.__dict__.pop(_MARKER, None)
         if self.arbiter is not None:
+            self._recommit_sharers()  # fragments this model was charged for now cost their other holders
             if self._listener is not None:
                 self.arbiter.remove_listener(self._listener)
             if self.allocation is not None and not self.allocation.released:
@@ -896,7 +902,8 @@ def _register(managed: ManagedModel, arbiter, workload, priority, name, min_qual
     allocation = arbiter._request_bound_blocking(workload, priority, **options)
     managed._attach(arbiter, allocation)
     remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-    if not arbiter._wait_applied(allocation, remaining):
+    # Progressive: the model is usable once it holds what has arrived (at least its floor).
+    if not arbiter._wait_applied(allocation, remaining, or_else=lambda: managed._streaming):
         raise AllocationTimeoutError(
             f"{name}: granted, but the memory was not freed by the other models within {timeout} s "
             "(a forward that never reaches a safe point?): raise the timeout or stop the other models")
