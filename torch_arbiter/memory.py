@@ -22,7 +22,7 @@ from typing import Callable
 
 from .errors import InvalidRequestError
 
-__all__ = ["GpuMemoryTracker", "MemoryStats", "MemoryPressure"]
+__all__ = ["GpuMemoryTracker", "MemoryStats", "MemoryPressure", "trim_host_heap"]
 
 
 class MemoryPressure(enum.IntEnum):
@@ -261,4 +261,37 @@ class GpuMemoryTracker:
         """Whether the monitor thread runs."""
         return self._monitor is not None and self._monitor.is_alive()
 
+
+def trim_host_heap() -> bool:
+    """Give the process's freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Why: glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so
+    later fragment-sized blocks come from the heap, and freeing them leaves them in the heap, not
+    returned: a CPU process that lowered its models would keep its RSS. This is the CPU's
+    ``torch.cuda.empty_cache()``, called after a model lowers on a CPU arbiter.
+
+    Returns:
+        True when memory was returned; False when nothing was, or the C library is not glibc
+        (then this does nothing).
+
+    Limits: walks the heap (about a millisecond per GiB of heap); other allocators (jemalloc,
+    tcmalloc via ``LD_PRELOAD``) keep their own policy.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    return _TRIM[0]
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..cache import CacheTier, FragmentCache
+from ..cache.base import tensor_nbytes
 from ..cache.cached_fragments import CachedFragments
 from ..cache.disk import tensor_sha256
 from ..cache.sources import CheckpointSource, content_key
@@ -60,7 +61,7 @@ def apply_fragment_cache(layers: Iterable[SwappedLayer], cache: FragmentCache, h
         holder: the model's holder token (:func:`new_holder`).
 
     Raises:
-        InsufficientMemoryError: HOST is full of fragments that cannot spill (no DISK tier room).
+        InsufficientMemoryError: HOST and the spill directory are both full.
     """
     for layer in layers:
         holo = layer.holo.holo
@@ -70,7 +71,9 @@ def apply_fragment_cache(layers: Iterable[SwappedLayer], cache: FragmentCache, h
         for name, tensor in holo.fragments.items():
             key = tensor_key(tensor)
             if key not in cache:
-                cache.put(key, tensor, CacheTier.HOST)
+                room = cache.host_room()
+                # Past the HOST budget a fragment goes straight to the spill directory.
+                cache.put(key, tensor, CacheTier.HOST if room is None or room >= tensor_nbytes(tensor) else CacheTier.DISK)
             cache.own(key, holder)
             keys[name] = key
         holo.fragments = CachedFragments(cache, keys, holder)

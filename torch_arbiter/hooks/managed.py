@@ -46,6 +46,7 @@ from ..cache.prefetch import Prefetcher, PrefetchStats
 from ..errors import AllocationTimeoutError, InvalidRequestError, PatchError, PreemptedError
 from ..holo import plan_bytes, plan_order, plan_quality
 from ..holo.calibrate import collect_linear_inputs
+from ..memory import trim_host_heap
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 from ..nn.modules import guard_dtype_changes
 from ..priority import Priority, WorkloadKind, WorkloadType
@@ -506,10 +507,13 @@ class ManagedModel:
                         self._move(min(target, self._cap, available))
                 moved = True
             finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
-                if moved and nbytes < holding and str(arbiter.config.device).startswith("cuda"):
-                    from ..allocator import empty_pool_caches
+                if moved and nbytes < holding:
+                    if str(arbiter.config.device).startswith("cuda"):
+                        from ..allocator import empty_pool_caches
 
-                    empty_pool_caches(arbiter)  # freed blocks stay cached in the pool, charged to it, until emptied
+                        empty_pool_caches(arbiter)  # freed blocks stay cached in the pool, charged to it, until emptied
+                    else:
+                        trim_host_heap()  # freed fragments stay in glibc's heap until trimmed
                 arbiter._commit_held(allocation, 0 if self._parked is not None else self.resident_bytes + reserve,
                                      generation if moved and not waiting else None)
                 if moved:
@@ -846,6 +850,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             remove_holo_swap(swapped)
             cache.disown(cache_holder)
         raise
+    if torch.device(cache.config.device).type == "cpu":
+        trim_host_heap()  # encoding's transient buffers and the let-go dense weights
     return managed
 
 
