@@ -140,7 +140,9 @@ def _load_pipeline(side: Path, source: CheckpointSource, cache: FragmentCache, d
         if name in weighted:
             with init_empty_weights():
                 component = component_class.from_config(component_class.load_config(side / name))
-            component = component.to(dtype or _checkpoint_dtype(source, f"{name}/"))
+            wanted = dtype or _checkpoint_dtype(source, f"{name}/")
+            if next(component.parameters()).dtype != wanted:
+                component = component.to(wanted)
             _load_exact_tensors(component, source, cache, prefix=f"{name}/")
             components[name] = component.eval()
         else:
