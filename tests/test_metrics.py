@@ -86,6 +86,8 @@ def test_scraped_metrics_follow_the_arbiter_and_the_model(tmp_path):
         # The arbiter's own cache: the patched model's fragments, resident at DEVICE.
         own = arbiter.cache.stats()
         assert _value(after, "torch_arbiter_cache_resident_bytes", tier="DEVICE") == own.resident_bytes[CacheTier.DEVICE] > 0
+        assert _value(after, "torch_arbiter_cache_in_bytes_total", tier="DEVICE") == own.bytes_in[CacheTier.DEVICE] > 0
+        assert _value(after, "torch_arbiter_cache_fetch_seconds", tier="DISK", quantile="0.99") == own.fetch_p99_s[CacheTier.DISK]
         managed.unpatch()
         assert _value(_scrape(url), "torch_arbiter_releases_total") == 1
     with pytest.raises(OSError):  # close() stopped the endpoint

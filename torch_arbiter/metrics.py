@@ -143,6 +143,11 @@ class ArbiterCollector:
                                 labels=["tier"])
         hits = counter_family(_PREFIX + "cache_hits", "Lookups served by each tier.", labels=["tier"])
         misses = counter_family(_PREFIX + "cache_misses", "Lookups of each tier that missed.", labels=["tier"])
+        bytes_in = counter_family(_PREFIX + "cache_in_bytes", "Bytes written into each tier.", labels=["tier"])
+        bytes_out = counter_family(_PREFIX + "cache_out_bytes", "Bytes read out of each tier to another.",
+                                   labels=["tier"])
+        fetch = gauge_family(_PREFIX + "cache_fetch_seconds", "Seconds per read from a DISK or REMOTE tier.",
+                             labels=["tier", "quantile"])
         for tier in cache_stats.resident_bytes:
             label = [tier.name]
             resident.add_metric(label, cache_stats.resident_bytes[tier])
@@ -150,7 +155,11 @@ class ArbiterCollector:
             hit_rate.add_metric(label, cache_stats.hit_rate(tier))
             hits.add_metric(label, cache_stats.hits[tier])
             misses.add_metric(label, cache_stats.misses[tier])
-        yield from (resident, entries, hit_rate, hits, misses)
+            bytes_in.add_metric(label, cache_stats.bytes_in[tier])
+            bytes_out.add_metric(label, cache_stats.bytes_out[tier])
+            fetch.add_metric([tier.name, "0.5"], cache_stats.fetch_p50_s[tier])
+            fetch.add_metric([tier.name, "0.99"], cache_stats.fetch_p99_s[tier])
+        yield from (resident, entries, hit_rate, hits, misses, bytes_in, bytes_out, fetch)
         yield counter_family(_PREFIX + "cache_promoted_bytes", "Bytes copied to a higher tier.",
                              value=cache_stats.bytes_promoted)
         yield counter_family(_PREFIX + "cache_demoted_bytes", "Bytes copied to a lower tier.",
