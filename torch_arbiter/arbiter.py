@@ -966,12 +966,15 @@ class Arbiter:
                 return False
         return True
 
-    def _wait_applied(self, allocation: Allocation, timeout: float | None) -> bool:
-        """Wait until the model behind ``allocation`` committed its newest target (or it is gone)."""
+    def _wait_applied(self, allocation: Allocation, timeout: float | None,
+                      enough: Callable[[], bool] | None = None) -> bool:
+        """Wait until the model behind ``allocation`` committed its newest target (or it is gone),
+        or, after any commit of its, until ``enough()`` is true (checked under the lock)."""
         key = allocation.id
         with self._lock:
             return self._settled.wait_for(
-                lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key), timeout)
+                lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key)
+                or (enough is not None and enough()), timeout)
 
     def _count_oom_recovery(self) -> None:
         with self._lock:
