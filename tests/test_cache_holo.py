@@ -274,6 +274,28 @@ def test_get_many_overlaps_remote_fetches(holo_dir, tmp_path):
         server.server_close()
 
 
+def test_concurrent_gets_of_one_remote_fragment_share_one_request(holo_dir, tmp_path):
+    server, url = _serve(holo_dir, delay=0.3)
+    try:
+        checkpoint = HoloCheckpoint.open(holo_dir)
+        fid = checkpoint.fragment_ids()[0]
+        config = CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path, stage_remote_on_disk=False)
+        with FragmentCache(config) as cache:
+            results: list[torch.Tensor] = []
+            readers = [threading.Thread(target=lambda tier=tier: results.append(cache.get(fid, tier)))
+                       for tier in (HOST, DEVICE, HOST)]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join()
+            assert len(results) == 3 and all(same_bytes(r, checkpoint.read_fragment(fid)) for r in results)
+            assert [r for r in server.requests if r[1] is not None] == [server.requests[-1]], "fetched more than once"
+            assert cache.tiers_of(fid) == (DEVICE, HOST, REMOTE)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_slow_fetch_does_not_block_other_calls(holo_dir, tmp_path):
     server, url = _serve(holo_dir)
     try:
