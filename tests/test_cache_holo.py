@@ -374,3 +374,32 @@ def test_property_nothing_is_lost_with_checkpoint_sources(
         steps.append((operation, key, tier, torch.full((_LOCAL_SIZES[key],), float(step)) if local else None))
     with FragmentCache(config) as cache:
         run_and_check_never_lost(cache, steps, expected, capacities)
+
+
+def test_patch_from_a_url_returns_at_its_floor_and_rises_as_the_rest_streams_in(tmp_path):
+    from torch import nn
+
+    from torch_arbiter import Arbiter, ArbiterConfig
+    from torch_arbiter.hooks import patch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    reference = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    reference.load_state_dict(model.state_dict())
+    save_holo(tmp_path / "holo", {name: HoloTensor.encode(model.get_parameter(name).detach())
+                                  for name in ("0.weight", "2.weight")})
+    server, url = _serve(tmp_path / "holo", delay=0.3)  # every fetch takes 0.3 s
+    arbiter = Arbiter(ArbiterConfig(vram_bytes=64 << 20, status_interval_s=None))
+    try:
+        managed = patch(model, arbiter, activation_bytes=0, progress=False, holo_dir=url)
+        # Granted the whole model, it returned once its floor was in: the rest is still on the server.
+        assert managed.quality == managed.min_quality < 1.0 and managed.allocation.quality == 1.0
+        x = torch.randn(2, 256)
+        assert not torch.equal(model(x), reference(x))  # it runs, at its floor
+        assert arbiter.wait_until_settled(30)
+        assert managed.quality == 1.0 and torch.equal(model(x), reference(x))
+        managed.unpatch()
+    finally:
+        arbiter.close()
+        server.shutdown()
+        server.server_close()
