@@ -258,8 +258,11 @@ def _child(argv: list[str]) -> None:
         if managed is not None:
             result["quality_before_output"] = managed.quality
             first_layer = next(iter(managed.layers.values()))  # runs after the safe point: the level in effect
-            first_layer.register_forward_pre_hook(
-                lambda _m, _a: result.setdefault("quality_in_output", managed.quality))
+
+            def note_quality(_module, _args) -> None:
+                result.setdefault("quality_in_output", managed.quality)
+
+            first_layer.register_forward_pre_hook(note_quality)
         with torch.no_grad():
             if args.model == "smollm2":
                 result["token"] = int(model(torch.tensor([json.loads(args.ids)])).logits[0, -1].argmax())
