@@ -274,6 +274,28 @@ def test_get_many_overlaps_remote_fetches(holo_dir, tmp_path):
         server.server_close()
 
 
+def test_concurrent_gets_of_one_remote_fragment_share_one_request(holo_dir, tmp_path):
+    server, url = _serve(holo_dir, delay=0.3)
+    try:
+        checkpoint = HoloCheckpoint.open(holo_dir)
+        fid = checkpoint.fragment_ids()[0]
+        config = CacheConfig(device="cpu", remote_url=url, spill_dir=tmp_path, stage_remote_on_disk=False)
+        with FragmentCache(config) as cache:
+            results: list[torch.Tensor] = []
+            readers = [threading.Thread(target=lambda tier=tier: results.append(cache.get(fid, tier)))
+                       for tier in (HOST, DEVICE, HOST)]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join()
+            assert len(results) == 3 and all(same_bytes(r, checkpoint.read_fragment(fid)) for r in results)
+            assert [r for r in server.requests if r[1] is not None] == [server.requests[-1]], "fetched more than once"
+            assert cache.tiers_of(fid) == (DEVICE, HOST, REMOTE)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_slow_fetch_does_not_block_other_calls(holo_dir, tmp_path):
     server, url = _serve(holo_dir)
     try:
@@ -352,3 +374,32 @@ def test_property_nothing_is_lost_with_checkpoint_sources(
         steps.append((operation, key, tier, torch.full((_LOCAL_SIZES[key],), float(step)) if local else None))
     with FragmentCache(config) as cache:
         run_and_check_never_lost(cache, steps, expected, capacities)
+
+
+def test_patch_from_a_url_returns_at_its_floor_and_rises_as_the_rest_streams_in(tmp_path):
+    from torch import nn
+
+    from torch_arbiter import Arbiter, ArbiterConfig
+    from torch_arbiter.hooks import patch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    reference = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    reference.load_state_dict(model.state_dict())
+    save_holo(tmp_path / "holo", {name: HoloTensor.encode(model.get_parameter(name).detach())
+                                  for name in ("0.weight", "2.weight")})
+    server, url = _serve(tmp_path / "holo", delay=0.3)  # every fetch takes 0.3 s
+    arbiter = Arbiter(ArbiterConfig(vram_bytes=64 << 20, status_interval_s=None))
+    try:
+        managed = patch(model, arbiter, activation_bytes=0, progress=False, holo_dir=url)
+        # Granted the whole model, it returned once its floor was in: the rest is still on the server.
+        assert managed.quality == managed.min_quality < 1.0 and managed.allocation.quality == 1.0
+        x = torch.randn(2, 256)
+        assert not torch.equal(model(x), reference(x))  # it runs, at its floor
+        assert arbiter.wait_until_settled(30)
+        assert managed.quality == 1.0 and torch.equal(model(x), reference(x))
+        managed.unpatch()
+    finally:
+        arbiter.close()
+        server.shutdown()
+        server.server_close()

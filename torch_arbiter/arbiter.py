@@ -967,14 +967,14 @@ class Arbiter:
         return True
 
     def _wait_applied(self, allocation: Allocation, timeout: float | None,
-                      or_else: Callable[[], bool] | None = None) -> bool:
-        """Wait until the model behind ``allocation`` committed its newest target (or it is gone,
-        or ``or_else()`` is true when a commit wakes this up)."""
+                      enough: Callable[[], bool] | None = None) -> bool:
+        """Wait until the model behind ``allocation`` committed its newest target (or it is gone),
+        or, after any commit of its, until ``enough()`` is true (checked under the lock)."""
         key = allocation.id
         with self._lock:
             return self._settled.wait_for(
                 lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key)
-                or (or_else is not None and or_else()), timeout)
+                or (enough is not None and enough()), timeout)
 
     def _count_oom_recovery(self) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -63,7 +63,8 @@ class FragmentCache:
 
     Limits: one lock guards the cache's state and its writable copies (memory, spill files);
     reads from the read-only sources (holo checkpoint, HTTP) happen outside it, so a slow fetch
-    does not hold up other calls and ``get_many`` overlaps fetches. Tensors handed to ``put`` or
+    does not hold up other calls and ``get_many`` overlaps fetches; concurrent ``get`` calls of
+    one fragment from a source share one read (a prefetch and a raise never fetch it twice). Tensors handed to ``put`` or
     returned by ``get`` may share storage with the cache's copies: do not modify them in place.
     """
 
@@ -111,6 +112,9 @@ class FragmentCache:
         # DEVICE now, oldest first (the first holder is charged for it).
         self._owners: dict[str, set[str]] = {}
         self._holders: dict[str, OrderedDict[str, int]] = {}
+        # Reads from a read-only source under way: (tier, key) -> the read's result, which a second
+        # caller of the same fragment waits for instead of fetching it again.
+        self._in_flight: dict[tuple[CacheTier, str], Future] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -176,14 +180,34 @@ class FragmentCache:
             if key in self._lru[source]:  # a writable copy may move: read it under the lock
                 return self._finish_get(key, tier, source, self._timed_read(source, key))
             read = self._source_reader(source, key)
+            flight = self._in_flight.get((source, key))
+            leader = flight is None
+            if leader:
+                flight = self._in_flight[(source, key)] = Future()
+        if not leader:  # the same fragment is being read for another caller: one read, not two
+            tensor = flight.result()
+            with self._lock:
+                self._check_open()
+                return self._finish_get(key, tier, source, tensor)
         # read-only sources never change (put() refuses their keys), so they are read without the
         # lock: fetches of different fragments (``get_many``) overlap, other calls are not held up
         started = time.perf_counter()
-        tensor = read()
-        with self._lock:
-            self._check_open()
-            self._record_latency(source, time.perf_counter() - started)
-            return self._finish_get(key, tier, source, tensor)
+        try:
+            tensor = read()
+        except BaseException as exc:
+            with self._lock:
+                del self._in_flight[(source, key)]
+            flight.set_exception(exc)
+            raise
+        try:
+            with self._lock:
+                self._check_open()
+                self._record_latency(source, time.perf_counter() - started)
+                return self._finish_get(key, tier, source, tensor)
+        finally:
+            with self._lock:
+                del self._in_flight[(source, key)]
+            flight.set_result(tensor)
 
     def get_many(
         self, keys: Iterable[str], tier: CacheTier = CacheTier.DEVICE, *, max_workers: int = 8

@@ -254,16 +254,34 @@ def smollm2_holo_dir(progress: bool = False) -> Path:
     stamp = {"source": _source_stamp(smollm2_gguf_path()), "codec": _codec_fingerprint()}
 
     def build(staging: Path) -> None:
-        converted = staging / "holo"
         if progress:
             print("encoding SmolLM2 into HoloTensor fragments (one to a few minutes, once; cached under "
                   f"{cache_dir()}) ...", file=sys.stderr, flush=True)
-        convert(source, converted, progress=progress)
-        for item in converted.iterdir():
-            os.replace(item, staging / item.name)
-        converted.rmdir()
+        convert_into(convert, source, staging, progress=progress)
 
     return _cached_dir(cache_dir() / _SMOLLM2_HOLO_CACHE_NAME, stamp, build)
+
+
+def convert_into(convert, source: Path, staging: Path, **options) -> None:
+    """``convert(source, ...)`` with its files put straight into ``staging`` (a :func:`_cached_dir` build).
+
+    The source's own cache stamp is left out: ``convert`` copies every side file and lists it with
+    its sha256 in ``holo_files.json``, but ``_cached_dir`` then writes this directory's stamp over
+    it, and a reader over HTTP would refuse the checkpoint for a side file failing its checksum.
+    """
+    from ..cache.sources import SIDE_FILES_NAME
+
+    converted = staging / "holo"
+    convert(source, converted, **options)
+    (converted / _SOURCE_STAMP).unlink(missing_ok=True)
+    listed = converted / SIDE_FILES_NAME
+    if listed.is_file():
+        files = json.loads(listed.read_text())
+        files.pop(_SOURCE_STAMP, None)
+        listed.write_text(json.dumps(files, indent=1))
+    for item in converted.iterdir():
+        os.replace(item, staging / item.name)
+    converted.rmdir()
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):

@@ -433,18 +433,19 @@ def _safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
             for name, info in header.items() if name != "__metadata__"}
 
 
-def decode_fragment(entry: Mapping, raw: bytes, *, source: str) -> torch.Tensor:
+def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str) -> torch.Tensor:
     """Turn the raw bytes of one fragment into its tensor, after checking length and checksum.
 
     Every reader (local file, fragment cache, HTTP range request) goes through this.
 
     Args:
         entry: the fragment's index entry (``tensor``, ``length``, ``dtype``, ``shape``, ``sha256``).
-        raw: exactly the fragment's bytes.
+        raw: exactly the fragment's bytes; a ``bytearray`` becomes the tensor's memory (not
+            copied: the caller hands it over), ``bytes`` are copied.
         source: where the bytes came from (a path or URL), for the error message.
 
     Returns:
-        A new CPU tensor that owns its memory.
+        A CPU tensor that owns its memory.
 
     Raises:
         CorruptFragmentError: wrong length or checksum, naming the source and tensor.
@@ -471,7 +472,7 @@ def decode_fragment(entry: Mapping, raw: bytes, *, source: str) -> torch.Tensor:
             f"{count * itemsize} bytes but it has {len(raw)}; the index is inconsistent, re-convert it")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    return torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw), dtype=dtype).reshape(shape)
 
 
 class HoloCheckpoint:
@@ -588,7 +589,10 @@ class HoloCheckpoint:
         try:
             with open(source, "rb") as handle:
                 handle.seek(entry["offset"])
-                raw = handle.read(entry["length"])
+                raw = bytearray(entry["length"])  # read straight into the buffer the tensor keeps
+                got = handle.readinto(raw)
+                if got < len(raw):  # a short file: decode_fragment names it
+                    raw = raw[:got]
         except OSError as exc:
             raise CorruptFragmentError(f"cannot read fragment of tensor {entry['tensor']!r} from "
                                        f"{source}: {exc}; check the checkpoint directory") from None

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,7 @@ def _load_exact_tensors(root: nn.Module, source: CheckpointSource, cache: Fragme
     """Fill every parameter and persistent buffer of ``root`` that ``patch()`` will not swap."""
     swapped = {f"{name}.weight" for name, _ in find_swappable(root, allow_meta=True)}
     aliases = source.metadata.get("tied", {})
+    wanted = []
     for name, tensor in list(root.state_dict(keep_vars=True).items()):
         if name in swapped:
             continue
@@ -166,7 +168,11 @@ def _load_exact_tensors(root: nn.Module, source: CheckpointSource, cache: Fragme
                                  "convert this model again")
             continue
         fid = fragment_id(stored, "exact" if meta.get("holo", False) else "plain")
-        value = cache.read(source.keys[fid])
+        wanted.append((name, tensor, stored, source.keys[fid]))
+    # Many small tensors (norms, biases): over HTTP each is a round trip, so they are read in parallel.
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="torch_arbiter-load") as pool:
+        values = list(pool.map(cache.read, [key for *_, key in wanted]))
+    for (name, tensor, stored, _), value in zip(wanted, values):
         if list(value.shape) != list(tensor.shape):
             raise PatchError(f"{source.location}: tensor {stored!r} is {list(value.shape)}, the model expects "
                              f"{list(tensor.shape)}; convert this model again")

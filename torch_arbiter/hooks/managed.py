@@ -481,7 +481,7 @@ class ManagedModel:
                 return True
             allocation, arbiter = self.allocation, self.arbiter
             reserve = allocation.activation_bytes
-            self._prefetch(allocation.quality if allocation.state is AllocationState.ACTIVE else None)
+            wanted = allocation.quality if allocation.state is AllocationState.ACTIVE else None
             available = self.available_quality
 
             def held_at(target: float | None) -> int:
@@ -492,6 +492,7 @@ class ManagedModel:
             holding = arbiter.held_bytes().get(allocation.id, 0)
             target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at)
             if not allowed:
+                self._prefetch(wanted)
                 return False
             moved = False
             # Below its target only until the prefetcher lands the rest: the target stays due (the
@@ -518,6 +519,9 @@ class ManagedModel:
                                      generation if moved and not waiting else None)
                 if moved:
                     self._recommit_sharers()
+            # Asked after the move, so the fragments it reads itself (a model's floor, at load) do
+            # not share the link with the prefetches of the levels above.
+            self._prefetch(wanted)
             return True
 
     def _recommit_sharers(self) -> None:
@@ -776,7 +780,9 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
 
     Returns:
         The :class:`ManagedModel`, already at the quality the arbiter granted (it holds nothing
-        while asking, so the bytes others free for it are counted once).
+        while asking, so the bytes others free for it are counted once); with ``holo_dir`` whose
+        fragments are not in memory yet, at the level the fragments already read allow (at least
+        its floor), rising in the background as the rest lands.
 
     Raises:
         PatchError: ``obj`` is already patched, is not a model or pipeline, has no layer to swap,
@@ -908,8 +914,9 @@ def _register(managed: ManagedModel, arbiter, workload, priority, name, min_qual
     allocation = arbiter._request_bound_blocking(workload, priority, **options)
     managed._attach(arbiter, allocation)
     remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-    # Progressive: the model is usable once it holds what has arrived (at least its floor).
-    if not arbiter._wait_applied(allocation, remaining, or_else=lambda: managed._streaming):
+    # A model whose fragments are still streaming in (a checkpoint or URL) commits its first move
+    # at the level its ready fragments allow and rises as the rest lands: it is usable from then on.
+    if not arbiter._wait_applied(allocation, remaining, enough=lambda: not managed.suspended):
         raise AllocationTimeoutError(
             f"{name}: granted, but the memory was not freed by the other models within {timeout} s "
             "(a forward that never reaches a safe point?): raise the timeout or stop the other models")
