@@ -374,7 +374,7 @@ def _held_keys(managed) -> set[str]:
     keys = set()
     for module in managed.layers.values():
         for name in module._acquired:
-            keys.add(module.holo.fragments.keys[name])
+            keys.add(module.holo.fragments.content_keys[name])
     return keys
 
 
@@ -426,7 +426,7 @@ def _switch_from_host(reps: int) -> dict:
 
     arbiter, model, managed = _load_unregistered(smollm2_bf16_holo_dir())
     cache = arbiter.cache
-    every = [key for module in managed.layers.values() for key in module.holo.fragments.keys.values()]
+    every = [key for module in managed.layers.values() for key in module.holo.fragments.content_keys.values()]
     cache.get_many([key for key in every if not cache.ready(key)], CacheTier.HOST)
     result = _time_switches(managed, cache, reps)
     result["host_bytes_before_raise"] = cache.resident_bytes(CacheTier.HOST)
