@@ -909,9 +909,9 @@ class Arbiter:
 
         Returns:
             ``(target quality or None when it must hold nothing, generation, bytes, allowed)``.
-            A raise is allowed only when the others leave room, and is then committed at once
-            (before the model takes the memory); a lowering is always allowed and is committed
-            by :meth:`_commit_held` once the memory is freed.
+            A raise is allowed only when the others leave room, and its bytes are then held at
+            once (before the model takes the memory); a lowering is always allowed. Either is
+            committed as applied by :meth:`_commit_held` once the move is done.
         """
         with self._lock:
             key = allocation.id
@@ -923,8 +923,9 @@ class Arbiter:
                 return target, generation, nbytes, True
             if key not in self._allocations or nbytes > self._room_locked(key):
                 return target, generation, nbytes, False
+            # The bytes are taken now; the target counts as applied only once the model commits
+            # after its move (a move that reads fragments can take a while).
             self._held[key] = nbytes
-            self._applied[key] = generation
             return target, generation, nbytes, True
 
     def _commit_held(self, allocation: Allocation, nbytes: int, generation: int | None) -> None:

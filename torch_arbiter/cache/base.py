@@ -96,10 +96,13 @@ class MemoryTierStore(TierStore):
         return self._tensors[key]
 
     def write(self, key: str, tensor: torch.Tensor) -> int:
-        # From pinned memory the copy to the device is asynchronous: later kernels on the stream
-        # wait for it, and torch's pinned allocator keeps the source block until it is done.
         source = tensor.detach()
-        stored = source.to(self.device, non_blocking=source.device.type == "cpu" and source.is_pinned())
+        if source.device == self.device and not self.pin:
+            stored = source  # no copy: on a CPU machine DEVICE and HOST copies share this storage
+        else:
+            # From pinned memory the copy to the device is asynchronous: later kernels on the
+            # stream wait for it, and torch's pinned allocator keeps the source block until done.
+            stored = source.to(self.device, non_blocking=source.device.type == "cpu" and source.is_pinned())
         if stored.untyped_storage().nbytes() != tensor_nbytes(stored):
             stored = stored.clone()
         if self.pin and stored.device.type == "cpu" and not stored.is_pinned():

@@ -50,8 +50,7 @@ class CachedFragments(Mapping[str, torch.Tensor]):
 
     def serves(self, device: torch.device) -> bool:
         """True when the cache's DEVICE tier is ``device`` (else the module copies from HOST)."""
-        own = torch.device(self.cache.config.device)
-        device = torch.device(device)
+        own = self.cache.config.device
         return own.type == device.type and (own.index or 0) == (device.index or 0)
 
     def acquire(self, name: str) -> torch.Tensor:

@@ -114,12 +114,12 @@ class CacheConfig:
 
     def capacity(self, tier: CacheTier) -> int | None:
         """The byte capacity of a tier (``None``: unbounded; REMOTE is always ``None``)."""
-        return {
-            CacheTier.DEVICE: self.device_capacity_bytes,
-            CacheTier.HOST: self.host_capacity_bytes,
-            CacheTier.DISK: self.disk_capacity_bytes,
-            CacheTier.REMOTE: None,
-        }[CacheTier(tier)]
+        field_name = _CAPACITY_FIELDS[CacheTier(tier)]
+        return None if field_name is None else getattr(self, field_name)
+
+
+_CAPACITY_FIELDS = {CacheTier.DEVICE: "device_capacity_bytes", CacheTier.HOST: "host_capacity_bytes",
+                    CacheTier.DISK: "disk_capacity_bytes", CacheTier.REMOTE: None}
 
 
 def _per_tier() -> dict[CacheTier, int]:

@@ -421,7 +421,19 @@ class FragmentCache:
         Raises:
             UnknownFragmentError, CorruptFragmentError, InsufficientMemoryError: as :meth:`get`.
         """
-        tensor = self.get(key, CacheTier.DEVICE)
+        with self._lock:  # in memory already (a switch's usual case): one lock, no search
+            self._check_open()
+            device, host = self._lru[CacheTier.DEVICE], self._lru[CacheTier.HOST]
+            if key in device:
+                self._hits[CacheTier.DEVICE] += 1
+                self._touch(key, CacheTier.DEVICE)
+                tensor = self._stores[CacheTier.DEVICE].read(key)
+            elif key in host:
+                tensor = self._finish_get(key, CacheTier.DEVICE, CacheTier.HOST, self._stores[CacheTier.HOST].read(key))
+            else:
+                tensor = None
+        if tensor is None:
+            tensor = self.get(key, CacheTier.DEVICE)
         with self._lock:
             self._check_open()
             holders = self._holders.setdefault(key, OrderedDict())

@@ -259,6 +259,7 @@ class HoloTensor:
         # A cache-backed mapping (``CachedFragments``) is kept as is: reading it all would load
         # every level, which is what the cache is there to avoid.
         self.fragments = fragments if hasattr(fragments, "acquire") else dict(fragments)
+        self._level_names: dict[int, tuple[str, ...]] = {}
 
     # -- description ---------------------------------------------------------------------------
 
@@ -308,11 +309,16 @@ class HoloTensor:
             fragments are not needed there.
         """
         self._check_level(k)
-        if k == 0:
-            return []
-        if k == self.num_levels:
-            return ["exact"]
-        return [s.name for s in self.fragment_specs() if s.level <= k and s.kind != KIND_EXACT]
+        names = self._level_names.get(k)
+        if names is None:  # asked at every level switch of every layer: the meta never changes
+            if k == 0:
+                names = ()
+            elif k == self.num_levels:
+                names = ("exact",)
+            else:
+                names = tuple(s.name for s in self.fragment_specs() if s.level <= k and s.kind != KIND_EXACT)
+            self._level_names[k] = names
+        return list(names)
 
     def level_bytes(self, k: int) -> int:
         """Exact resident bytes at level ``k`` (``level_bytes(0) == 0``).

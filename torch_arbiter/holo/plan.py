@@ -111,12 +111,15 @@ def _check_quality(q: float) -> float:
     return value
 
 
-def plan_quality(tensors: Mapping[str, _Levelled], q: float) -> dict[str, int]:
+def plan_quality(tensors: Mapping[str, _Levelled], q: float,
+                 order: list[tuple[str, int, int]] | None = None) -> dict[str, int]:
     """The level of every tensor at model quality ``q``.
 
     Args:
         tensors: name -> HoloTensor.
         q: model quality in [0, 1].
+        order: ``plan_order(tensors)`` when the caller keeps it (a live model plans at every
+            switch; sorting the steps again costs more than the rest of the switch).
 
     Returns:
         name -> level in ``0..num_levels``. The bytes fit ``q * sum(full_bytes)``; the plan is
@@ -133,7 +136,7 @@ def plan_quality(tensors: Mapping[str, _Levelled], q: float) -> dict[str, int]:
         return {name: t.num_levels for name, t in tensors.items()}
     budget = q * full
     spent = 0
-    for name, level, extra in plan_order(tensors):
+    for name, level, extra in plan_order(tensors) if order is None else order:
         if spent + extra > budget:
             break
         spent += extra

@@ -241,7 +241,7 @@ class ManagedModel:
         if q >= 1.0 or self._holo_full == 0:
             levels = {name: h.num_levels for name, h in self._holos.items()}
         else:
-            levels = plan_quality(self._holos, self._holo_quality(q))
+            levels = plan_quality(self._holos, self._holo_quality(q), order=self._steps())
         return levels, self.fixed_bytes + plan_bytes(self._holos, levels)
 
     @staticmethod

@@ -146,7 +146,7 @@ class _HoloModule(nn.Module):
             raise InvalidRequestError(
                 f"level {k!r} is outside 0..{self.num_levels} (0 releases the weight, 1.. hold a level)")
         self._hold(k, self._device_probe.device)
-        self._level = k
+        self.__dict__["_level"] = k
 
     def _check_runnable(self, level: int) -> None:
         if level == 0:
@@ -203,22 +203,26 @@ class _HoloModule(nn.Module):
                                       local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _hold(self, k: int, device: torch.device) -> None:
-        self._resident, self._codes = {}, None  # release first: old and new levels never held together
-        keep = set(self.holo.level_fragments(k)) if k > 0 and self._cached(device) else set()
+        # Plain state, set through __dict__: nn.Module.__setattr__ looks for parameters, buffers
+        # and modules on every assignment, which a switch of a few hundred layers pays for.
+        state = self.__dict__
+        state["_resident"], state["_codes"] = {}, None  # release first: old and new levels never held together
+        cached = self._cached(device)
+        keep = set(self.holo.level_fragments(k)) if k > 0 and cached else set()
         for name in [n for n in self._acquired if n not in keep]:
             self._let_go(name)
-        self._resident = self._build(k, device) if k > 0 else {}
+        state["_resident"] = self._build(k, device, cached) if k > 0 else {}
         if k < self.num_levels and "hi" in self._resident:
-            self._codes = _kernels.codes_for(self._resident, self.holo.meta, k)
+            state["_codes"] = _kernels.codes_for(self._resident, self.holo.meta, k)
 
     def _cached(self, device: torch.device) -> bool:
         """True when the fragments come from the arbiter's cache at this device's tier."""
         fragments = self.holo.fragments
         return hasattr(fragments, "acquire") and fragments.serves(device)
 
-    def _fetch(self, name: str, device: torch.device) -> torch.Tensor:
-        """Fragment ``name`` on ``device``: held at the cache's DEVICE tier, or a copy."""
-        if self._cached(device):
+    def _fetch(self, name: str, device: torch.device, cached: bool) -> torch.Tensor:
+        """Fragment ``name`` on ``device``: held at the cache's DEVICE tier (``cached``), or a copy."""
+        if cached:
             if name not in self._acquired:
                 self._acquired[name] = self.holo.fragments.acquire(name)
             return self._acquired[name]
@@ -230,10 +234,10 @@ class _HoloModule(nn.Module):
         if self._acquired.pop(name, None) is not None:
             self.holo.fragments.release(name)
 
-    def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _build(self, k: int, device: torch.device, cached: bool) -> dict[str, torch.Tensor]:
         if k == self.num_levels:
-            return {"weight": self._fetch("exact", device)}
-        return {name: self._fetch(name, device) for name in self.holo.level_fragments(k)}
+            return {"weight": self._fetch("exact", device, cached)}
+        return {name: self._fetch(name, device, cached) for name in self.holo.level_fragments(k)}
 
     # -- shared compute ------------------------------------------------------------------------
 
@@ -354,8 +358,8 @@ class HoloLinear(_HoloModule):
         linear.bias = self._original_bias()
         return linear.to(self._device_probe.device)
 
-    def _build(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
-        resident = super()._build(k, device)
+    def _build(self, k: int, device: torch.device, cached: bool) -> dict[str, torch.Tensor]:
+        resident = super()._build(k, device, cached)
         if k == self.num_levels or device.type not in _INT4_DEVICE_TYPES:
             return resident
         meta = self.holo.meta
@@ -627,8 +631,8 @@ class HoloEmbedding(_HoloModule):
         """Bytes held at level ``k``: 0 when tied (the head holds them)."""
         return 0 if self._tied_head is not None else super().level_bytes(k)
 
-    def _build(self, k, device):
-        return {} if self._tied_head is not None else super()._build(k, device)
+    def _build(self, k, device, cached):
+        return {} if self._tied_head is not None else super()._build(k, device, cached)
 
     def to_original(self) -> nn.Embedding:
         """An ``nn.Embedding`` bit-identical to the one encoded (weight shares the exact fragment)."""
