@@ -102,6 +102,22 @@ def test_corrupt_fragment_names_file_and_tensor(saved):
         decode_fragment(entry, b"\0" * 3, source="somewhere")
 
 
+def test_a_fragment_changed_on_disk_after_its_first_read_is_caught(tmp_path, tensors):
+    """Re-reads of an unchanged file skip the checksum; a write to the file brings it back."""
+    directory = save_holo(tmp_path / "holo", tensors)
+    checkpoint = HoloCheckpoint.open(directory)
+    fid = checkpoint.fragment_ids("conv.weight")[0]
+    entry = checkpoint.fragment_entry(fid)
+    first = checkpoint.read_fragment(fid)
+    assert torch.equal(checkpoint.read_fragment(fid), first)  # same file: served without hashing
+    path = directory / entry["file"]
+    before = os.stat(path).st_mtime_ns
+    _flip_byte(path, entry["offset"])
+    assert os.stat(path).st_mtime_ns != before  # what the check keys on (with inode and size)
+    with pytest.raises(CorruptFragmentError, match="conv.weight"):
+        checkpoint.read_fragment(fid)
+
+
 def test_truncated_file_and_bad_index_are_format_errors(saved):
     index_path = saved / INDEX_NAME
     index = json.loads(index_path.read_text())

@@ -433,7 +433,7 @@ def _safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
             for name, info in header.items() if name != "__metadata__"}
 
 
-def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str) -> torch.Tensor:
+def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str, verify: bool = True) -> torch.Tensor:
     """Turn the raw bytes of one fragment into its tensor, after checking length and checksum.
 
     Every reader (local file, fragment cache, HTTP range request) goes through this.
@@ -443,6 +443,8 @@ def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str) -> t
         raw: exactly the fragment's bytes; a ``bytearray`` becomes the tensor's memory (not
             copied: the caller hands it over), ``bytes`` are copied.
         source: where the bytes came from (a path or URL), for the error message.
+        verify: check the sha256 (False only for bytes re-read from a local file whose same
+            bytes were checked before: see ``HoloCheckpoint.read_fragment``).
 
     Returns:
         A CPU tensor that owns its memory.
@@ -456,7 +458,7 @@ def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str) -> t
         raise CorruptFragmentError(
             f"fragment of tensor {tensor_name!r} from {source}: got {len(raw)} bytes, the index says "
             f"{entry['length']}; the file is truncated or the index is stale, re-convert or re-download it")
-    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+    if verify and hashlib.sha256(raw).hexdigest() != entry["sha256"]:
         raise CorruptFragmentError(
             f"fragment of tensor {tensor_name!r} from {source} fails its sha256 check; the file is "
             "corrupt, re-convert or re-download it")
@@ -486,6 +488,7 @@ class HoloCheckpoint:
         """Use :meth:`open`; this only stores an already-validated index."""
         self.path = path
         self.index = index
+        self._verified: dict[str, tuple[int, int, int, int]] = {}  # fragment id -> its file as checked
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, max_index_bytes: int = MAX_INDEX_BYTES,
@@ -588,6 +591,7 @@ class HoloCheckpoint:
         source = str(self.path / entry["file"])
         try:
             with open(source, "rb") as handle:
+                status = os.fstat(handle.fileno())
                 handle.seek(entry["offset"])
                 raw = bytearray(entry["length"])  # read straight into the buffer the tensor keeps
                 got = handle.readinto(raw)
@@ -596,7 +600,14 @@ class HoloCheckpoint:
         except OSError as exc:
             raise CorruptFragmentError(f"cannot read fragment of tensor {entry['tensor']!r} from "
                                        f"{source}: {exc}; check the checkpoint directory") from None
-        return decode_fragment(entry, raw, source=source)
+        # The checksum is checked at the first read in this process and again whenever the file
+        # changed since (inode, size or mtime): hashing every re-read made a raise from DISK
+        # several times slower than reading the bytes.
+        identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        trusted = self._verified.get(fid) == identity
+        tensor = decode_fragment(entry, raw, source=source, verify=not trusted)
+        self._verified[fid] = identity
+        return tensor
 
     def load_tensor(self, name: str, max_level: int | None = None) -> HoloTensor | torch.Tensor:
         """Load a tensor: a :class:`HoloTensor` (holo-encoded) or a plain tensor.
