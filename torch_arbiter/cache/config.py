@@ -114,7 +114,7 @@ class CacheConfig:
 
     def capacity(self, tier: CacheTier) -> int | None:
         """The byte capacity of a tier (``None``: unbounded; REMOTE is always ``None``)."""
-        field_name = _CAPACITY_FIELDS[CacheTier(tier)]
+        field_name = _CAPACITY_FIELDS[tier]  # an int tier finds its IntEnum key too
         return None if field_name is None else getattr(self, field_name)
 
 

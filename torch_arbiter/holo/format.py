@@ -433,15 +433,16 @@ def _safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
             for name, info in header.items() if name != "__metadata__"}
 
 
-def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str, verify: bool = True) -> torch.Tensor:
+def decode_fragment(entry: Mapping, raw: bytes | bytearray | torch.Tensor, *, source: str,
+                    verify: bool = True) -> torch.Tensor:
     """Turn the raw bytes of one fragment into its tensor, after checking length and checksum.
 
     Every reader (local file, fragment cache, HTTP range request) goes through this.
 
     Args:
         entry: the fragment's index entry (``tensor``, ``length``, ``dtype``, ``shape``, ``sha256``).
-        raw: exactly the fragment's bytes; a ``bytearray`` becomes the tensor's memory (not
-            copied: the caller hands it over), ``bytes`` are copied.
+        raw: exactly the fragment's bytes; a ``bytearray`` or a 1-D ``uint8`` CPU tensor becomes
+            the tensor's memory (not copied: the caller hands it over), ``bytes`` are copied.
         source: where the bytes came from (a path or URL), for the error message.
         verify: check the sha256 (False only for bytes re-read from a local file whose same
             bytes were checked before: see ``HoloCheckpoint.read_fragment``).
@@ -454,6 +455,10 @@ def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str, veri
         FormatError: the entry's dtype or shape does not match its length.
     """
     tensor_name = entry.get("tensor", "?")
+    if isinstance(raw, torch.Tensor):
+        held, raw = raw, raw.numpy()  # the buffer protocol for the checks below; ``held`` keeps the memory
+    else:
+        held = None
     if len(raw) != entry["length"]:
         raise CorruptFragmentError(
             f"fragment of tensor {tensor_name!r} from {source}: got {len(raw)} bytes, the index says "
@@ -474,6 +479,8 @@ def decode_fragment(entry: Mapping, raw: bytes | bytearray, *, source: str, veri
             f"{count * itemsize} bytes but it has {len(raw)}; the index is inconsistent, re-convert it")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
+    if held is not None:
+        return held.view(dtype).reshape(shape)
     return torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw), dtype=dtype).reshape(shape)
 
 
@@ -593,9 +600,11 @@ class HoloCheckpoint:
             with open(source, "rb") as handle:
                 status = os.fstat(handle.fileno())
                 handle.seek(entry["offset"])
-                raw = bytearray(entry["length"])  # read straight into the buffer the tensor keeps
-                got = handle.readinto(raw)
-                if got < len(raw):  # a short file: decode_fragment names it
+                # Read straight into the tensor's own memory: torch.empty does not zero it (a
+                # bytearray would, touching every page once more before the read).
+                raw = torch.empty(entry["length"], dtype=torch.uint8)
+                got = handle.readinto(raw.numpy()) if entry["length"] else 0
+                if got < entry["length"]:  # a short file: decode_fragment names it
                     raw = raw[:got]
         except OSError as exc:
             raise CorruptFragmentError(f"cannot read fragment of tensor {entry['tensor']!r} from "
