@@ -71,6 +71,7 @@ def repro(mlp_holo_dir):
     arbiter = Arbiter(ArbiterConfig(vram_bytes=int(_full_bytes(model) * 1.5)))
     managed = patch(model, arbiter, priority=Priority.NORMAL, activation_bytes=0, progress=False, timeout=0.3,
                     holo_dir=mlp_holo_dir)
+    assert arbiter.wait_until_settled(10)  # patch(holo_dir=) returns at the floor; the rest streams in
     yield arbiter, model, managed, reference
     managed.unpatch()
     arbiter.close()

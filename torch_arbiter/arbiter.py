@@ -900,12 +900,15 @@ class Arbiter:
         key = allocation.id
         return key in self._allocations and self._applied.get(key) != self._generation.get(key)
 
-    def _model_move(self, allocation: Allocation, held_at: Callable[["float | None"], int]):
+    def _model_move(self, allocation: Allocation, held_at: Callable[["float | None"], int],
+                    reaches: Callable[["float | None"], bool] = lambda target: True):
         """Decide a patched model's next move, under the lock.
 
         Args:
             allocation: the model's allocation.
             held_at: bytes the model holds (weights + reserve) at a quality, or 0 at None (parked).
+            reaches: whether the move reaches the target (False while fragments are still on their
+                way: the raise is committed, the target stays due so the arbiter is not settled).
 
         Returns:
             ``(target quality or None when it must hold nothing, generation, bytes, allowed)``.
@@ -924,7 +927,8 @@ class Arbiter:
             if key not in self._allocations or nbytes > self._room_locked(key):
                 return target, generation, nbytes, False
             self._held[key] = nbytes
-            self._applied[key] = generation
+            if reaches(target):
+                self._applied[key] = generation
             return target, generation, nbytes, True
 
     def _commit_held(self, allocation: Allocation, nbytes: int, generation: int | None) -> None:
@@ -966,12 +970,15 @@ class Arbiter:
                 return False
         return True
 
-    def _wait_applied(self, allocation: Allocation, timeout: float | None) -> bool:
-        """Wait until the model behind ``allocation`` committed its newest target (or it is gone)."""
+    def _wait_applied(self, allocation: Allocation, timeout: float | None,
+                      or_when: Callable[[], bool] | None = None) -> bool:
+        """Wait until the model behind ``allocation`` committed its newest target (or it is gone,
+        or ``or_when()`` holds after one of its commits)."""
         key = allocation.id
         with self._lock:
             return self._settled.wait_for(
-                lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key), timeout)
+                lambda: key not in self._allocations or self._applied.get(key) == self._generation.get(key)
+                or (or_when is not None and or_when()), timeout)
 
     def _count_oom_recovery(self) -> None:
         with self._lock:

@@ -356,15 +356,18 @@ class FragmentCache:
         Raises:
             UnknownFragmentError, CorruptFragmentError, InsufficientMemoryError: as :meth:`get`.
         """
-        tensor = self.get(key, CacheTier.DEVICE)
-        with self._lock:
-            self._check_open()
-            holders = self._holders.setdefault(key, OrderedDict())
-            holders[holder] = holders.get(holder, 0) + 1
-            if (key in self._lru[CacheTier.HOST]
-                    and any(self._holds(t, key) for t in (CacheTier.DISK, CacheTier.REMOTE))):
-                self._drop(key, CacheTier.HOST)
-            return self._stores[CacheTier.DEVICE].read(key) if key in self._lru[CacheTier.DEVICE] else tensor
+        while True:
+            self.get(key, CacheTier.DEVICE)
+            with self._lock:
+                self._check_open()
+                if key not in self._lru[CacheTier.DEVICE]:
+                    continue  # the last holder released it between the get and here: get it again
+                holders = self._holders.setdefault(key, OrderedDict())
+                holders[holder] = holders.get(holder, 0) + 1
+                if (key in self._lru[CacheTier.HOST]
+                        and any(self._holds(t, key) for t in (CacheTier.DISK, CacheTier.REMOTE))):
+                    self._drop(key, CacheTier.HOST)
+                return self._stores[CacheTier.DEVICE].read(key)
 
     def release(self, key: str, holder: str) -> None:
         """``holder`` no longer needs ``key`` at DEVICE. When no holder is left the DEVICE copy

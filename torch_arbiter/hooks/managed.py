@@ -188,6 +188,7 @@ class ManagedModel:
         self._listener = None
         self._frontier = -1  # steps of plan_order whose fragments are ready (-1: not computed)
         self._frontier_moved = False
+        self._streaming = False  # holds all it has of its grant; the rest is still on its way
         self._components = dict(components)
         self._swapped = swapped
         # A tied embedding holds nothing and follows its head: plan and count the weight once.
@@ -366,12 +367,12 @@ class ManagedModel:
             self._plan_steps = plan_order(self._holos)
         return self._plan_steps
 
-    def _ready_frontier(self, start: int = 0) -> int:
-        """How many steps of the planner's order have every fragment ready, from ``start`` on."""
+    def _ready_frontier(self) -> int:
+        """How many steps of the planner's order have every fragment ready."""
         cache, steps = self.cache, self._steps()
         if cache is None:
             return len(steps)
-        index = start
+        index = 0
         while index < len(steps):
             name, level, _ = steps[index]
             fragments = self._holos[name].fragments
@@ -402,13 +403,23 @@ class ManagedModel:
         self._prefetcher.want(self.holder, keys, self._on_landed)
 
     def _on_landed(self, _key: str) -> None:
-        """A fragment arrived (or failed): when the ready prefix grew, let the model rise."""
+        """A fragment arrived (or failed): when the ready prefix grew, or the model is still short
+        of its target, let it rise.
+
+        Readiness is not monotonic (with a bounded HOST, a fragment on DISK counts as ready only
+        while HOST has no room for it), so the prefix is measured afresh each time: a prefix
+        remembered from before could hide what became ready again.
+        """
         if not self._patched:
             return
-        frontier = self._ready_frontier(max(0, self._frontier))
-        if frontier <= self._frontier:
+        frontier = self._ready_frontier()
+        if frontier <= self._frontier and not self._streaming:
             return
         self._frontier = frontier
+        self._wake_to_rise()
+
+    def _wake_to_rise(self) -> None:
+        """Have the model re-plan at its next safe point (the applier's, when it is idle)."""
         self._frontier_moved = True
         if self.arbiter is not None and self.allocation is not None:
             self.arbiter._applier.wake({self.allocation.id})
@@ -479,15 +490,19 @@ class ManagedModel:
                     return 0
                 return self._weights_at(max(min(target, self._cap, available), self.min_quality)) + reserve
 
+            # Below its target only until the prefetcher lands the rest: the target stays due (the
+            # arbiter is not settled) unless a fetch failed for good, then this is where it stays.
+            failed = self._prefetcher is not None and bool(self._prefetcher.failed(self.holder))
+
+            def reaches(target: float | None) -> bool:
+                return target is None or available >= min(target, self._cap) or failed
+
             holding = arbiter.held_bytes().get(allocation.id, 0)
-            target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at)
+            target, generation, nbytes, allowed = arbiter._model_move(allocation, held_at, reaches)
             if not allowed:
                 return False
             moved = False
-            # Below its target only until the prefetcher lands the rest: the target stays due (the
-            # arbiter is not settled) unless a fetch failed for good, then this is where it stays.
-            waiting = (target is not None and available < min(target, self._cap)
-                       and not (self._prefetcher is not None and self._prefetcher.failed(self.holder)))
+            waiting = not reaches(target)
             try:
                 if target is None:
                     self._move(None)
@@ -495,6 +510,7 @@ class ManagedModel:
                     with self._scope():  # on CUDA, fragments raised now are charged to this model
                         self._move(min(target, self._cap, available))
                 moved = True
+                self._streaming = waiting
             finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
                 if moved and nbytes < holding and str(arbiter.config.device).startswith("cuda"):
                     from ..allocator import empty_pool_caches
@@ -504,6 +520,8 @@ class ManagedModel:
                                      generation if moved and not waiting else None)
                 if moved:
                     self._recommit_sharers()
+            if moved and waiting and self.available_quality > available:
+                self._wake_to_rise()  # the move itself made more ready (HOST room changed hands)
             return True
 
     def _recommit_sharers(self) -> None:
@@ -552,6 +570,22 @@ class ManagedModel:
         room = cache.host_room()
         if room is None or room >= sum(cache.fragment_nbytes(k) for k in missing):
             cache.get_many(missing, CacheTier.HOST)
+
+    def _fetch_floor(self) -> None:
+        """Read the floor's fragments now, in the caller's thread, into HOST (or, without room
+        there, onto DISK: a URL's are staged, a local checkpoint's are read and checked).
+
+        Why here: the grant is applied by the arbiter's applier thread, which can only log a
+        failure; a checkpoint or URL that cannot serve the floor must fail ``patch()`` with its
+        error (naming the URL) instead of leaving it waiting for a level that never comes.
+        """
+        cache = self.cache
+        keys = [fragments.keys[f] for holo in self._holos.values()
+                if hasattr(fragments := holo.fragments, "acquire") for f in holo.level_fragments(1)]
+        keys = [key for key in keys if not {CacheTier.DEVICE, CacheTier.HOST} & set(cache.tiers_of(key))]
+        room = cache.host_room()
+        fits = room is None or room >= sum(cache.fragment_nbytes(key) for key in keys)
+        cache.get_many(keys, CacheTier.HOST if fits else CacheTier.DISK)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
         tensors: dict[int, torch.Tensor] = {}
@@ -702,6 +736,7 @@ class ManagedModel:
                     self.allocation.release()
                 except Exception as exc:  # the arbiter already forgot it: nothing left to give back
                     _log.debug("allocation release after unpatch skipped: %s", exc)
+            self._recommit_sharers()  # what it shared is now charged to the next holder
 
     def _repr_html_(self) -> str:
         """Jupyter's view: quality, bytes, and how many layers hold each kind of level."""
@@ -766,7 +801,9 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
 
     Returns:
         The :class:`ManagedModel`, already at the quality the arbiter granted (it holds nothing
-        while asking, so the bytes others free for it are counted once).
+        while asking, so the bytes others free for it are counted once); with ``holo_dir``, at the
+        highest part of its grant whose fragments are in (its floor at least), the rest streaming
+        in behind.
 
     Raises:
         PatchError: ``obj`` is already patched, is not a model or pipeline, has no layer to swap,
@@ -828,6 +865,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         holder.append(managed)
         for module in components.values():
             object.__setattr__(module, _MARKER, weakref.ref(managed))
+        if checkpoint is not None:
+            managed._fetch_floor()
         if register:
             _register(managed, arbiter, workload or _default_workload(kind), priority,
                       name or type(obj).__name__, min_quality, activation_bytes, timeout)
@@ -896,7 +935,9 @@ def _register(managed: ManagedModel, arbiter, workload, priority, name, min_qual
     allocation = arbiter._request_bound_blocking(workload, priority, **options)
     managed._attach(arbiter, allocation)
     remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-    if not arbiter._wait_applied(allocation, remaining):
+    # A model read from a checkpoint or URL returns once it holds what has arrived (its floor at
+    # least): the rest of its grant streams in afterwards.
+    if not arbiter._wait_applied(allocation, remaining, or_when=lambda: managed._streaming):
         raise AllocationTimeoutError(
             f"{name}: granted, but the memory was not freed by the other models within {timeout} s "
             "(a forward that never reaches a safe point?): raise the timeout or stop the other models")
