@@ -64,6 +64,34 @@ def fresh_digits_ddpm():
     return models.load_digits_ddpm()
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A small random Llama saved as a transformers dir ``(path, tokens, logits)``: its reference
+    logits on ``tokens``. Read it, never write into it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_llama") / "src"
+    model.save_pretrained(path)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return path, tokens, logits
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_holo(tiny_llama_dir, tmp_path_factory):
+    """``tiny_llama_dir`` converted by ``convert`` into a holo checkpoint directory (read only)."""
+    from torch_arbiter.holo.convert import convert
+
+    target = tmp_path_factory.mktemp("tiny_llama_holo") / "holo"
+    convert(tiny_llama_dir[0], target, progress=False)
+    return target
+
+
 def _sample_digits(pipeline, *, seed: int = 0, batch_size: int = 4, steps: int = 10):
     generator = torch.Generator().manual_seed(seed)
     return pipeline(batch_size=batch_size, generator=generator, num_inference_steps=steps,

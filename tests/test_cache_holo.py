@@ -3,13 +3,11 @@ HTTP server on 127.0.0.1 with Range support."""
 
 from __future__ import annotations
 
-import functools
 import re
 import shutil
 import socket
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,58 +16,13 @@ from hypothesis import strategies as st
 import torch
 
 from cache_invariants import run_and_check_never_lost, same_bytes
+from range_server import serve as _serve
 from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
 from torch_arbiter.errors import CorruptFragmentError, FormatError, InsufficientMemoryError, InvalidRequestError
 from torch_arbiter.holo import HoloTensor
 from torch_arbiter.holo.format import INDEX_NAME, HoloCheckpoint, save_holo
 
 DEVICE, HOST, DISK, REMOTE = CacheTier.DEVICE, CacheTier.HOST, CacheTier.DISK, CacheTier.REMOTE
-
-
-class _RangeHandler(SimpleHTTPRequestHandler):
-    """Static files with single ``bytes=a-b`` ranges; records every request on the server."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        server = self.server
-        with server.lock:
-            server.requests.append((self.path, self.headers.get("Range")))
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-        try:
-            time.sleep(server.delay)
-            self._send_file()
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-
-    def _send_file(self) -> None:
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404, "no such file")
-            return
-        size = path.stat().st_size
-        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
-        if match is None or not self.server.honour_range:
-            start, end, status = 0, size - 1, 200
-        else:
-            start, end, status = int(match[1]), min(int(match[2]), size - 1), 206
-            if start >= size:
-                self.send_error(416, "range not satisfiable")
-                return
-        self.send_response(status)
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            try:
-                self.wfile.write(handle.read(end - start + 1))
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client had what it needed (a range read from a 200) or gave up (timeout)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +39,6 @@ def holo_dir(tmp_path_factory) -> Path:
         },
     )
     return directory
-
-
-def _serve(directory: Path, **options):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(directory)))
-    server.daemon_threads = True
-    server.requests = []
-    server.lock = threading.Lock()
-    server.in_flight = server.max_in_flight = 0
-    server.delay = options.get("delay", 0.0)
-    server.honour_range = options.get("honour_range", True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 @pytest.fixture

@@ -12,23 +12,6 @@ from torch_arbiter.errors import InvalidRequestError, PatchError
 from torch_arbiter.hooks import managed_model_of
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A small random Llama saved as a transformers dir, and its reference logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny_llama") / "src"
-    model.save_pretrained(path)
-    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = model(tokens).logits
-    return path, tokens, logits
-
-
 def test_from_pretrained_with_holo_config_patches_and_registers(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -188,7 +188,7 @@ class FragmentCache:
             tensor = flight.result()
             with self._lock:
                 self._check_open()
-                return self._finish_get(key, tier, source, tensor)
+                return self._finish_get(key, tier, source, tensor, read_out=False)
         # read-only sources never change (put() refuses their keys), so they are read without the
         # lock: fetches of different fragments (``get_many``) overlap, other calls are not held up
         started = time.perf_counter()
@@ -421,27 +421,25 @@ class FragmentCache:
         Raises:
             UnknownFragmentError, CorruptFragmentError, InsufficientMemoryError: as :meth:`get`.
         """
-        with self._lock:  # in memory already (a switch's usual case): one lock, no search
-            self._check_open()
-            device, host = self._lru[CacheTier.DEVICE], self._lru[CacheTier.HOST]
-            if key in device:
-                self._hits[CacheTier.DEVICE] += 1
-                self._touch(key, CacheTier.DEVICE)
-                tensor = self._stores[CacheTier.DEVICE].read(key)
-            elif key in host:
-                tensor = self._finish_get(key, CacheTier.DEVICE, CacheTier.HOST, self._stores[CacheTier.HOST].read(key))
-            else:
-                tensor = None
-        if tensor is None:
-            tensor = self.get(key, CacheTier.DEVICE)
-        with self._lock:
-            self._check_open()
-            holders = self._holders.setdefault(key, OrderedDict())
-            holders[holder] = holders.get(holder, 0) + 1
-            if (key in self._lru[CacheTier.HOST]
-                    and any(self._holds(t, key) for t in (CacheTier.DISK, CacheTier.REMOTE))):
-                self._drop(key, CacheTier.HOST)
-            return self._stores[CacheTier.DEVICE].read(key) if key in self._lru[CacheTier.DEVICE] else tensor
+        while True:
+            with self._lock:  # in memory already (a switch's usual case): one lock, no search
+                self._check_open()
+                if key in self._lru[CacheTier.DEVICE]:
+                    self._hits[CacheTier.DEVICE] += 1
+                    self._touch(key, CacheTier.DEVICE)
+                elif key in self._lru[CacheTier.HOST]:
+                    self._misses[CacheTier.DEVICE] += 1  # counted as get() would
+                    self._finish_get(key, CacheTier.DEVICE, CacheTier.HOST, self._stores[CacheTier.HOST].read(key))
+                if key in self._lru[CacheTier.DEVICE]:
+                    holders = self._holders.setdefault(key, OrderedDict())
+                    holders[holder] = holders.get(holder, 0) + 1
+                    if (key in self._lru[CacheTier.HOST]
+                            and any(self._holds(t, key) for t in (CacheTier.DISK, CacheTier.REMOTE))):
+                        self._drop(key, CacheTier.HOST)
+                    return self._stores[CacheTier.DEVICE].read(key)
+            # Read from DISK or REMOTE without the lock; the last holder of another model may
+            # release the DEVICE copy before this one registers, so look again.
+            self.get(key, CacheTier.DEVICE)
 
     def release(self, key: str, holder: str) -> None:
         """``holder`` no longer needs ``key`` at DEVICE. When no holder is left the DEVICE copy
@@ -479,14 +477,17 @@ class FragmentCache:
             return sum(self._lru[CacheTier.DEVICE].get(key, 0) for key, holders in self._holders.items()
                        if holder in holders and next(iter(holders)) != holder)
 
-    def _finish_get(self, key: str, tier: CacheTier, source: CacheTier, tensor: torch.Tensor) -> torch.Tensor:
-        """Count the hit and copy ``tensor`` (read from ``source``) to ``tier``; lock held."""
+    def _finish_get(self, key: str, tier: CacheTier, source: CacheTier, tensor: torch.Tensor,
+                    read_out: bool = True) -> torch.Tensor:
+        """Count the hit and copy ``tensor`` (read from ``source``; ``read_out`` False when another
+        caller's read of it is shared) to ``tier``; lock held."""
         self._hits[source] += 1
         if source is tier or key in self._lru[tier]:  # the latter: another thread got it there first
             self._touch(key, tier)
             return tensor if source is tier else self._stores[tier].read(key)
         nbytes = tensor_nbytes(tensor)
-        self._bytes_out[source] += nbytes
+        if read_out:
+            self._bytes_out[source] += nbytes
         if source is CacheTier.REMOTE and self.config.stage_remote_on_disk and tier < CacheTier.DISK:
             self._stage_on_disk(key, tensor)
         if not self._writable(tier):

@@ -374,12 +374,12 @@ class ManagedModel:
             self._plan_steps = plan_order(self._holos)
         return self._plan_steps
 
-    def _ready_frontier(self, start: int = 0) -> int:
-        """How many steps of the planner's order have every fragment ready, from ``start`` on."""
+    def _ready_frontier(self) -> int:
+        """How many steps of the planner's order have every fragment ready."""
         cache, steps = self.cache, self._steps()
         if cache is None or self._prefetcher is None:  # nothing brings fragments ahead: a raise reads them
             return len(steps)
-        index = start
+        index = 0
         while index < len(steps) and all(cache.ready(key) for key in self._content_keys(*steps[index][:2])):
             index += 1
         return index
@@ -412,13 +412,23 @@ class ManagedModel:
         self._prefetcher.want(self.holder, keys, self._on_landed)
 
     def _on_landed(self, _key: str) -> None:
-        """A fragment arrived (or failed): when the ready prefix grew, let the model rise."""
+        """A fragment arrived (or failed): when the ready prefix grew, or the model is still short
+        of its target, let it rise.
+
+        Readiness is not monotonic (with a bounded HOST, a fragment on DISK counts as ready only
+        while HOST has no room for it), so the prefix is measured afresh each time: a prefix
+        remembered from before could hide what became ready again.
+        """
         if not self._patched:
             return
-        frontier = self._ready_frontier(max(0, self._frontier))
-        if frontier <= self._frontier:
+        frontier = self._ready_frontier()
+        if frontier <= self._frontier and not self._streaming:
             return
         self._frontier = frontier
+        self._wake_to_rise()
+
+    def _wake_to_rise(self) -> None:
+        """Have the model re-plan at its next safe point (the applier's, when it is idle)."""
         self._frontier_moved = True
         if self.arbiter is not None and self.allocation is not None:
             self.arbiter._applier.wake({self.allocation.id})
@@ -499,7 +509,6 @@ class ManagedModel:
             # arbiter is not settled) unless a fetch failed for good, then this is where it stays.
             waiting = (target is not None and available < min(target, self._cap)
                        and not (self._prefetcher is not None and self._prefetcher.failed(self.holder)))
-            self._streaming = waiting
             try:
                 if target is None:
                     self._move(None)
@@ -507,6 +516,7 @@ class ManagedModel:
                     with self._scope():  # on CUDA, fragments raised now are charged to this model
                         self._move(min(target, self._cap, available))
                 moved = True
+                self._streaming = waiting
             finally:  # what it really holds now; a failed move stays due (tried again at the next safe point)
                 if moved and nbytes < holding:
                     if str(arbiter.config.device).startswith("cuda"):
@@ -519,6 +529,8 @@ class ManagedModel:
                                      generation if moved and not waiting else None)
                 if moved:
                     self._recommit_sharers()
+            if moved and waiting and self.available_quality > available:
+                self._wake_to_rise()  # the move itself made more ready (HOST room changed hands)
             # Asked after the move, so the fragments it reads itself (a model's floor, at load) do
             # not share the link with the prefetches of the levels above.
             self._prefetch(wanted)
@@ -565,6 +577,21 @@ class ManagedModel:
         room = cache.host_room()
         if room is None or room >= sum(cache.fragment_nbytes(k) for k in missing):
             cache.get_many(missing, CacheTier.HOST)
+
+    def _fetch_floor(self) -> None:
+        """Read the floor's fragments now, in the caller's thread, into HOST (or, without room
+        there, onto DISK: a URL's are staged, a local checkpoint's are read and checked).
+
+        Why here: the grant is applied by the arbiter's applier thread, which can only log a
+        failure; a checkpoint or URL that cannot serve the floor must fail ``patch()`` with its
+        error (naming the URL) instead of leaving it waiting for a level that never comes.
+        """
+        cache = self.cache
+        keys = [key for name in self._holos for key in self._content_keys(name, 1)]
+        keys = [key for key in keys if not {CacheTier.DEVICE, CacheTier.HOST} & set(cache.tiers_of(key))]
+        room = cache.host_room()
+        fits = room is None or room >= sum(cache.fragment_nbytes(key) for key in keys)
+        cache.get_many(keys, CacheTier.HOST if fits else CacheTier.DISK)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
         tensors: dict[int, torch.Tensor] = {}
@@ -844,6 +871,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         holder.append(managed)
         for module in components.values():
             object.__setattr__(module, _MARKER, weakref.ref(managed))
+        if checkpoint is not None:
+            managed._fetch_floor()
         if register:
             _register(managed, arbiter, workload or _default_workload(kind), priority,
                       name or type(obj).__name__, min_quality, activation_bytes, timeout)
