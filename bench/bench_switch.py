@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's torch_arbiter, then the bench helpers
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # this checkout's torch_arbiter, the bench helpers, range_server
+import range_server  # noqa: E402
 from _common import write_results  # noqa: E402
 PROMPT = "The capital of France is"
 
@@ -115,7 +116,6 @@ class _Throttle:
         self._lock = threading.Lock()
         self._next = 0.0
         self.sent = 0
-        self.requests = 0
 
     def take(self, nbytes: int) -> None:
         with self._lock:
@@ -126,57 +126,6 @@ class _Throttle:
         delay = until - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-
-
-def _serve(directory: Path, throttle: _Throttle):
-    """A ThreadingHTTPServer on 127.0.0.1 serving ``directory`` with single-range support, every
-    body written through ``throttle``; returns (server, base URL)."""
-    import functools
-    import re
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            with throttle._lock:
-                throttle.requests += 1
-            path = Path(self.translate_path(self.path))
-            if not path.is_file():
-                self.send_error(404, "no such file")
-                return
-            size = path.stat().st_size
-            match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-            if match is None:
-                start, end, status = 0, size - 1, 200
-            else:
-                start = int(match[1])
-                end, status = min(int(match[2]) if match[2] else size - 1, size - 1), 206
-                if start >= size:
-                    self.send_error(416, "range not satisfiable")
-                    return
-            self.send_response(status)
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            self.send_header("Content-Length", str(end - start + 1))
-            self.end_headers()
-            left = end - start + 1
-            try:
-                with open(path, "rb") as handle:
-                    handle.seek(start)
-                    while left:
-                        chunk = handle.read(min(left, 64 << 10))
-                        throttle.take(len(chunk))
-                        self.wfile.write(chunk)
-                        left -= len(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 # ----------------------------------------------------------------------------- cold starts (children)
@@ -316,7 +265,8 @@ def _first_output(runs: int, rate: float) -> dict:
     dense_ddpm, holo_ddpm = models.DIGITS_DDPM_DIR, ddpm_holo_dir()
     ids = AutoTokenizer.from_pretrained(dense_llm)(PROMPT).input_ids
     throttle = _Throttle(rate)
-    servers = {path: _serve(path, throttle) for path in (dense_llm, holo_llm, dense_ddpm, holo_ddpm)}
+    servers = {path: range_server.serve(path, throttle=throttle.take)
+               for path in (dense_llm, holo_llm, dense_ddpm, holo_ddpm)}
     llm_files = sorted(p.name for p in dense_llm.iterdir() if p.is_file() and p.name != "torch_arbiter_source.json")
     ddpm_files = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
                   "unet/diffusion_pytorch_model.safetensors"]
@@ -330,20 +280,24 @@ def _first_output(runs: int, rate: float) -> dict:
                     for mode, path in (("dense", dense), ("progressive", holo)):  # interleaved: load drifts hit both
                         location = servers[path][1] if source == "http" else str(path)
                         extra = ["--stream"] if mode == "progressive" and run == runs - 1 else []
-                        sent, requests = throttle.sent, throttle.requests
+                        sent, requests = throttle.sent, _requests(servers)
                         result = _run_child("--model", model, "--mode", mode, "--location", location,
                                             "--files", json.dumps(files), "--ids", json.dumps(ids), *extra)
                         result["served_bytes"] = throttle.sent - sent
-                        result["served_requests"] = throttle.requests - requests
+                        result["served_requests"] = _requests(servers) - requests
                         samples[mode].append(result)
                         print(f"  first output {model} {source} {mode} run {run}: "
                               f"{result['first_output'] - result['imported']:.2f} s after imports", flush=True)
                 cases[f"{model}/{source}"] = _first_output_summary(samples)
     finally:
         for server, _ in servers.values():
-            server.shutdown()
-            server.server_close()
+            range_server.stop(server)
     return {"rate_bytes_per_s": rate, "prompt": PROMPT, "prompt_ids": ids, "cases": cases}
+
+
+def _requests(servers: dict) -> int:
+    """Requests the servers answered so far."""
+    return sum(len(server.requests) for server, _ in servers.values())
 
 
 def _first_output_summary(samples: dict[str, list[dict]]) -> dict:

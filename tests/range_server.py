@@ -22,6 +22,8 @@ from torch_arbiter.holo.format import INDEX_NAME
 
 __all__ = ["RangeHandler", "serve", "stop", "floor_ranges"]
 
+_CHUNK = 64 << 10
+
 
 class RangeHandler(SimpleHTTPRequestHandler):
     """Static files with single ``bytes=a-b`` ranges; records every request on the server."""
@@ -67,17 +69,28 @@ class RangeHandler(SimpleHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
+        throttle = self.server.throttle
+        left = end - start + 1
         with open(path, "rb") as handle:
             handle.seek(start)
             try:
-                self.wfile.write(handle.read(end - start + 1))
+                while left:
+                    chunk = handle.read(min(left, _CHUNK) if throttle else left)
+                    if throttle:
+                        throttle(len(chunk))
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client had what it needed (a range read from a 200) or gave up (timeout)
 
 
 def serve(directory: Path, *, delay: float = 0.0, honour_range: bool = True,
-          intercept: Callable[[str, int | None], int | None] | None = None):
-    """Serve ``directory`` on 127.0.0.1; returns ``(server, base_url)`` (stop it with :func:`stop`)."""
+          intercept: Callable[[str, int | None], int | None] | None = None,
+          throttle: Callable[[int], None] | None = None):
+    """Serve ``directory`` on 127.0.0.1; returns ``(server, base_url)`` (stop it with :func:`stop`).
+
+    ``throttle(nbytes)`` is called before each 64 KiB of a body is written (it may sleep: a
+    bandwidth-limited link, as ``bench/bench_switch.py`` uses)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(directory)))
     server.daemon_threads = True
     server.requests = []
@@ -86,6 +99,7 @@ def serve(directory: Path, *, delay: float = 0.0, honour_range: bool = True,
     server.delay = delay
     server.honour_range = honour_range
     server.intercept = intercept
+    server.throttle = throttle
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
