@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CorruptFragmentError, FormatError
-from ..holo.format import INDEX_NAME, MAX_FRAGMENT_BYTES, MAX_INDEX_BYTES, HoloCheckpoint
+from ..holo.format import MAX_FRAGMENT_BYTES, MAX_INDEX_BYTES, HoloCheckpoint
 from .config import CacheTier
 
 __all__ = ["CheckpointSource", "content_key", "open_source", "SIDE_FILES_NAME", "MAX_SIDE_FILE_BYTES"]
@@ -147,8 +147,3 @@ def open_source(location: str | os.PathLike, *, timeout: float = 30.0, allow_ins
     checkpoint = HoloCheckpoint.open(text, max_index_bytes=max_index_bytes, max_fragment_bytes=max_fragment_bytes)
     return CheckpointSource(str(Path(text).resolve()), CacheTier.DISK, checkpoint.index, checkpoint)
 
-
-def is_checkpoint_location(location: object) -> bool:
-    """True for a URL or a directory holding a holo index (what :func:`open_source` takes)."""
-    text = os.fspath(location) if isinstance(location, (str, os.PathLike)) else None
-    return text is not None and (text.startswith(("http://", "https://")) or (Path(text) / INDEX_NAME).is_file())

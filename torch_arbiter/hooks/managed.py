@@ -571,12 +571,8 @@ class ManagedModel:
         cache = self.cache
         if cache is None:
             return
-        missing = [key for name, level in raising for key in self._content_keys(name, level) if not cache.ready(key)]
-        if not missing:
-            return
-        room = cache.host_room()
-        if room is None or room >= sum(cache.fragment_nbytes(k) for k in missing):
-            cache.get_many(missing, CacheTier.HOST)
+        self._read_ahead([key for name, level in raising for key in self._content_keys(name, level)
+                          if not cache.ready(key)], else_disk=False)
 
     def _fetch_floor(self) -> None:
         """Read the floor's fragments now, in the caller's thread, into HOST (or, without room
@@ -588,10 +584,19 @@ class ManagedModel:
         """
         cache = self.cache
         keys = [key for name in self._holos for key in self._content_keys(name, 1)]
-        keys = [key for key in keys if not {CacheTier.DEVICE, CacheTier.HOST} & set(cache.tiers_of(key))]
-        room = cache.host_room()
-        fits = room is None or room >= sum(cache.fragment_nbytes(key) for key in keys)
-        cache.get_many(keys, CacheTier.HOST if fits else CacheTier.DISK)
+        self._read_ahead([key for key in keys if not {CacheTier.DEVICE, CacheTier.HOST} & set(cache.tiers_of(key))],
+                         else_disk=True)
+
+    def _read_ahead(self, keys: list[str], *, else_disk: bool) -> None:
+        """Read ``keys`` in parallel into HOST when it has room for all of them; else onto DISK
+        (``else_disk``: a URL's are staged, a local checkpoint's are read and checked) or not at all."""
+        if not keys:
+            return
+        room = self.cache.host_room()
+        if room is None or room >= sum(self.cache.fragment_nbytes(key) for key in keys):
+            self.cache.get_many(keys, CacheTier.HOST)
+        elif else_disk:
+            self.cache.get_many(keys, CacheTier.DISK)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
         tensors: dict[int, torch.Tensor] = {}
