@@ -36,11 +36,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def arbiter(tmp_path):
-    """A virtual 2 GiB CPU arbiter whose remote reads have a 1 s deadline and whose prefetcher
-    retries quickly (the backoff is not what these tests measure)."""
+def arbiter(request, tmp_path):
+    """A virtual 2 GiB CPU arbiter whose prefetcher retries quickly (the backoff is not what these
+    tests measure). Its remote reads have a deadline of ``request.param`` seconds: 30 unless a
+    test sets it (indirect parametrisation), as a loaded 2-core machine can take over a second
+    to answer a read that nothing holds back."""
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(2, cache=CacheConfig(
-        device="cpu", spill_dir=tmp_path / "spill", remote_timeout=1.0)))
+        device="cpu", spill_dir=tmp_path / "spill", remote_timeout=getattr(request, "param", 30.0))))
     arbiter.prefetcher.backoff_s = 0.01
     yield arbiter
     arbiter.close()
@@ -90,11 +92,11 @@ def _hang(holo_dir, request, send, path, start):
         send(b"")
 
 
-LIES = {
-    "wrong bytes": (_wrong_bytes, "sha256|checksum"),
-    "short body": (_short_body, "IncompleteRead|ended after"),
-    "HTTP 500": (_status_500, "HTTP 500"),
-    "hang past the timeout": (_hang, "within remote_timeout=1 s"),
+LIES = {  # how the server lies, what the error says, the deadline of the reads
+    "wrong bytes": (_wrong_bytes, "sha256|checksum", 30.0),
+    "short body": (_short_body, "IncompleteRead|ended after", 30.0),
+    "HTTP 500": (_status_500, "HTTP 500", 30.0),
+    "hang past the timeout": (_hang, "within remote_timeout=1 s", 1.0),
 }
 
 
@@ -109,9 +111,10 @@ def _lying_about(lying_server, holo_dir, targets, lie):
     return lying_server(respond)
 
 
-@pytest.mark.parametrize("lie", sorted(LIES))
+@pytest.mark.parametrize(("lie", "arbiter"), [(lie, LIES[lie][2]) for lie in sorted(LIES)],
+                         ids=sorted(LIES), indirect=["arbiter"])
 def test_a_lie_about_a_floor_fragment_fails_the_load_naming_the_url(lie, lying_server, tiny_llama_holo, arbiter):
-    respond, message = LIES[lie]
+    respond, message, _ = LIES[lie]
     server = _lying_about(lying_server, tiny_llama_holo, _layer_floor(tiny_llama_holo), respond)
     started = time.monotonic()
     with pytest.raises(CorruptFragmentError, match=message) as caught:
@@ -129,6 +132,22 @@ def test_a_lie_about_an_exact_tensor_fails_the_load_too(lying_server, tiny_llama
         from_holo_pretrained(server.url, quantization_config=HoloTensorConfig(arbiter=arbiter))
     assert server.url.rstrip("/") in str(caught.value)
     assert arbiter.state().workloads == ()
+
+
+def test_the_floor_error_is_reported_when_undoing_the_patch_fails_too(lying_server, tiny_llama_holo, arbiter):
+    """Every fragment of the swapped layers fails: the floor read stops ``patch()``, and undoing
+    it cannot read the exact weights back either. The floor's error is the one raised, and the
+    cache and the arbiter are left with nothing of the model."""
+    index = json.loads((tiny_llama_holo / INDEX_NAME).read_text())
+    layers = {(f"/{e['file']}", e["offset"]) for e in index["fragments"].values()
+              if len(index["tensors"][e["tensor"]]["shape"]) == 2}
+    server = _lying_about(lying_server, tiny_llama_holo, layers, _status_500)
+    with pytest.raises(CorruptFragmentError, match="HTTP 500") as caught:
+        from_holo_pretrained(server.url, quantization_config=HoloTensorConfig(arbiter=arbiter))
+    assert "::exact" not in str(caught.value), "the undo's error hid the floor's"
+    assert arbiter.state().workloads == ()
+    assert arbiter.cache.resident_bytes(CacheTier.DEVICE) == 0
+    assert arbiter.cache.resident_bytes(CacheTier.HOST) == 0
 
 
 def test_a_redirect_to_another_host_is_refused_naming_both(lying_server, tiny_llama_holo, arbiter):

@@ -734,11 +734,13 @@ class ManagedModel:
                     handle.remove()
                 if self._prefetcher is not None:
                     self._prefetcher.forget(self.holder)
-                remove_holo_swap(self._swapped)
-                if self.cache is not None:
-                    self.cache.disown(self.holder)
-                for module in self._components.values():
-                    module.__dict__.pop(_MARKER, None)
+                try:  # a layer whose exact weight cannot be read back fails this, but lets go of the rest
+                    remove_holo_swap(self._swapped)
+                finally:
+                    if self.cache is not None:
+                        self.cache.disown(self.holder)
+                    for module in self._components.values():
+                        module.__dict__.pop(_MARKER, None)
         if self.arbiter is not None:
             self._recommit_sharers()  # fragments this model was charged for now cost their other holders
             if self._listener is not None:
@@ -882,12 +884,16 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             _register(managed, arbiter, workload or _default_workload(kind), priority,
                       name or type(obj).__name__, min_quality, activation_bytes, timeout)
     except BaseException:
-        if managed is not None:
-            managed.unpatch()
-        else:
-            for handle in hooks:
-                handle.remove()
-            remove_holo_swap(swapped)
+        try:
+            if managed is not None:
+                managed.unpatch()
+            else:
+                for handle in hooks:
+                    handle.remove()
+                remove_holo_swap(swapped)
+        except Exception as undo_failure:  # the error to report is the one that stopped patch()
+            _log.warning("undoing the failed patch() failed too: %s", undo_failure)
+        finally:
             cache.disown(cache_holder)
         raise
     if torch.device(cache.config.device).type == "cpu":
