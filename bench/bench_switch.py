@@ -414,7 +414,13 @@ def _switch_from_host(reps: int) -> dict:
 
 
 def _switch_from_disk(reps: int) -> dict:
+    """Raise and lower with no HOST budget; the baselines read the delta's byte ranges one after
+    another, each discarded at once (the buffer is reused, its pages stay mapped and warm) and
+    each kept until the pass ends (fresh memory, as a raise must hold all of it)."""
+    import torch
+
     from torch_arbiter import CacheConfig
+    from torch_arbiter.memory import trim_host_heap
 
     holo_dir = smollm2_bf16_holo_dir()
     arbiter, model, managed = _load_unregistered(holo_dir, CacheConfig(host_capacity_bytes=0))
@@ -423,7 +429,7 @@ def _switch_from_disk(reps: int) -> dict:
     source = cache.attach(holo_dir)
     fid_of = {key: fid for fid, key in source.keys.items()}
     entries = [source.index["fragments"][fid_of[key]] for key in result["delta_keys"]]
-    reads = []
+    reads, kept_reads = [], []
     for _ in range(reps):
         started = time.perf_counter()
         for entry in entries:
@@ -431,9 +437,22 @@ def _switch_from_disk(reps: int) -> dict:
                 handle.seek(entry["offset"])
                 handle.read(entry["length"])
         reads.append(time.perf_counter() - started)
+    for _ in range(reps):
+        started = time.perf_counter()
+        kept = []
+        for entry in entries:
+            with open(holo_dir / entry["file"], "rb") as handle:
+                handle.seek(entry["offset"])
+                buffer = torch.empty(entry["length"], dtype=torch.uint8)
+                handle.readinto(buffer.numpy())
+                kept.append(buffer)
+        kept_reads.append(time.perf_counter() - started)
+        del kept, buffer
+        trim_host_heap()  # as a lowering returns the memory
     managed.unpatch()
     arbiter.close()
     result["file_reads_s"] = reads
+    result["file_reads_kept_s"] = kept_reads
     return result
 
 
@@ -568,11 +587,14 @@ def _tables(first: dict, host: dict, disk: dict, dedup: dict, rss: dict) -> tupl
     raise_host, lower_host = _median(host["raise_s"]), _median(host["lower_s"])
     memcpy, reload = _median(host["memcpy_s"]), _median(host["reload_dense_s"])
     raise_disk, reads = _median(disk["raise_s"]), _median(disk["file_reads_s"])
+    kept_reads = _median(disk["file_reads_kept_s"])
     lower_disk = _median(disk["lower_s"])
     targets.update({"raise_host_le_2x_memcpy": raise_host <= 2 * memcpy,
                     "raise_host_ge_5x_faster_than_reload": reload >= 5 * raise_host,
-                    "raise_disk_le_1.5x_reads": raise_disk <= 1.5 * reads,
-                    "lower_lt_10ms": max(_median(host["lower_s"]), lower_disk) < 0.010})
+                    "raise_disk_le_1.5x_reads_kept": raise_disk <= 1.5 * kept_reads,
+                    "raise_disk_le_1.5x_reads_discarded": raise_disk <= 1.5 * reads,
+                    "lower_lt_10ms_host_has_room": lower_host < 0.010,
+                    "lower_lt_10ms_host_budget_0": lower_disk < 0.010})
     lines += ["", "## Switching SmolLM2 bf16 (unregistered model, `ManagedModel.set_quality`, no forward running)", "",
               f"Floor = quality {host['min_quality']:.3f} ({_mb(host['bytes_at_floor'])} MB of {_mb(host['full_bytes'])} MB); "
               f"the raise brings {len(host['delta_keys'])} fragments, {_mb(host['delta_bytes'])} MB (the delta). "
@@ -586,7 +608,10 @@ def _tables(first: dict, host: dict, disk: dict, dedup: dict, rss: dict) -> tupl
               f"| same | | | reload the dense model (`from_pretrained` of the bf16 safetensors, page cache warm) | {_ms(reload)} | "
               f"{reload / raise_host:.1f}× faster | ≥ 5× | {_verdict(targets['raise_host_ge_5x_faster_than_reload'])} |",
               f"| raise floor → 1.0, from DISK (HOST budget 0) | {_ms(raise_disk)} | {_ms(_p99(disk['raise_s']))} | plain file "
-              f"reads of the delta ranges | {_ms(reads)} | {raise_disk / reads:.2f}× | ≤ 1.5× | {_verdict(targets['raise_disk_le_1.5x_reads'])} |",
+              f"reads of the delta ranges, kept (fresh memory) | {_ms(kept_reads)} | {raise_disk / kept_reads:.2f}× | ≤ 1.5× | "
+              f"{_verdict(targets['raise_disk_le_1.5x_reads_kept'])} |",
+              f"| same | | | plain file reads of the delta ranges, each discarded (one warm buffer) | {_ms(reads)} | "
+              f"{raise_disk / reads:.2f}× | ≤ 1.5× | {_verdict(targets['raise_disk_le_1.5x_reads_discarded'])} |",
               f"| lower 1.0 → floor (HOST has room) | {_ms(lower_host)} | {_ms(_p99(host['lower_s']))} | — | — | — | < 10 ms | "
               f"{_verdict(lower_host < 0.010)} |",
               f"| lower 1.0 → floor (HOST budget 0) | {_ms(lower_disk)} | {_ms(_p99(disk['lower_s']))} | — | — | — | < 10 ms | "
@@ -658,8 +683,11 @@ def main() -> None:
         "once, in the caller). On this CPU machine the DEVICE tier shares storage with HOST copies, so a raise from "
         "HOST moves no bytes (it takes the fragments and rebuilds the layers' codes). `from_pretrained` of a bf16 "
         "safetensors file into a bf16 model maps the file (no conversion), so its pages are read when first used, "
-        "not during the reload timed here. From DISK every fragment read is checked against its sha256 (the index's), "
-        "the plain reads are not.",
+        "not during the reload timed here. From DISK a fragment is checked against its sha256 (the index's) at its "
+        "first read in the process and again when its file changes (the first raise pays it: the p99 column), "
+        "the plain reads never. A raise from DISK reads its fragments in parallel (up to 8 reads); the plain reads "
+        "are sequential. A lower with HOST budget 0 reads the floor's fragments back from DISK: the exact top level "
+        "replaced them, and nothing else holds them.",
         "- First output of the progressive side includes the streaming of the levels above the floor in the "
         "background (4 prefetch workers) competing for the same two cores.",
         f"- Targets held: {json.dumps(targets)}",

@@ -156,6 +156,30 @@ def test_from_a_directory_it_settles_at_its_grant_bit_identical(tiny_llama_dir, 
         managed.unpatch()
 
 
+def test_a_raise_without_host_room_reads_its_fragments_in_parallel_straight_to_device(
+        tiny_llama_dir, tiny_llama_holo, make_arbiter, monkeypatch):
+    _, tokens, expected = tiny_llama_dir
+    arbiter = make_arbiter(host_capacity_bytes=0)
+    model, managed = _load(tiny_llama_holo, arbiter, register=False, quality=0.0)
+    readers = []
+    read = HoloCheckpoint.read_fragment
+
+    def recorded(self, fid):
+        readers.append(threading.current_thread().name)
+        return read(self, fid)
+
+    monkeypatch.setattr(HoloCheckpoint, "read_fragment", recorded)
+    try:
+        assert managed.set_quality(1.0) and managed.quality == 1.0
+        assert torch.equal(_logits(model, tokens), expected)
+        assert len(readers) > 1 and all(name.startswith("fragment-cache") for name in readers)
+        assert arbiter.cache.resident_bytes(HOST) == 0 and arbiter.cache.resident_bytes(DISK) == 0
+        assert managed.set_quality(0.0) and managed.quality == managed.min_quality
+        assert arbiter.cache.resident_bytes(HOST) == 0
+    finally:
+        managed.unpatch()
+
+
 def test_patch_a_loaded_model_from_a_url_and_refuse_other_weights(tiny_llama_dir, tiny_llama_holo, make_arbiter):
     from transformers import LlamaForCausalLM
 

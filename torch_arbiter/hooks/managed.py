@@ -566,13 +566,17 @@ class ManagedModel:
         self._quality = max(q, self.min_quality)
 
     def _fetch_for(self, raising: list[tuple[str, int]]) -> None:
-        """Bring the fragments of a raise into HOST in parallel (one round trip per fragment over
-        HTTP would otherwise be paid one layer after another), when HOST has room for them."""
+        """Bring the fragments of a raise in, in parallel: one round trip per fragment over HTTP,
+        or one file read and page-faulting of fresh memory per fragment from DISK, would
+        otherwise be paid one layer after another. Into HOST when it has room for them all,
+        else straight to DEVICE, where the layers then take them (a bounded HOST is not
+        flushed for a raise that would pass through it)."""
         cache = self.cache
         if cache is None:
             return
+        in_memory = {CacheTier.DEVICE, CacheTier.HOST}
         self._read_ahead([key for name, level in raising for key in self._content_keys(name, level)
-                          if not cache.ready(key)], else_disk=False)
+                          if not in_memory & set(cache.tiers_of(key))], else_disk=False)
 
     def _fetch_floor(self) -> None:
         """Read the floor's fragments now, in the caller's thread, into HOST (or, without room
@@ -589,7 +593,7 @@ class ManagedModel:
 
     def _read_ahead(self, keys: list[str], *, else_disk: bool) -> None:
         """Read ``keys`` in parallel into HOST when it has room for all of them; else onto DISK
-        (``else_disk``: a URL's are staged, a local checkpoint's are read and checked) or not at all."""
+        (``else_disk``: a URL's are staged, a local checkpoint's are read and checked) or to DEVICE."""
         if not keys:
             return
         room = self.cache.host_room()
@@ -597,6 +601,8 @@ class ManagedModel:
             self.cache.get_many(keys, CacheTier.HOST)
         elif else_disk:
             self.cache.get_many(keys, CacheTier.DISK)
+        else:
+            self.cache.get_many(keys, CacheTier.DEVICE)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
         tensors: dict[int, torch.Tensor] = {}
