@@ -670,8 +670,8 @@ def main() -> None:
     notes = "\n".join([
         "Notes:",
         f"- Load average (1, 5, 15 min) at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at the end "
-        f"{load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}: the machine's cores are shared with other jobs "
-        f"(run under `nice -n 10`); whole run {time.perf_counter() - started:.0f} s.",
+        f"{load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}: the machine's cores may be shared with other jobs; "
+        f"whole run {time.perf_counter() - started:.0f} s.",
         "- The page cache is warm for both sides alike: every file (dense safetensors, holo fragments) was read "
         "before the timed runs, so `disk` compares the loaders, not the drive.",
         "- Progressive: `from_holo_pretrained(dir_or_url, quantization_config=HoloTensorConfig(arbiter=...))` with an "

@@ -38,6 +38,53 @@ def test_from_pretrained_with_holo_config_patches_and_registers(tiny_llama_dir):
     assert managed.allocation.released
 
 
+def test_from_pretrained_with_a_holo_dir_never_holds_the_layer_weights_densely(
+        tiny_llama_dir, tiny_llama_holo, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from torch_arbiter.hooks import HoloTensorConfig
+    from torch_arbiter.hooks.transformers_quantizer import HoloQuantizer
+
+    path, tokens, expected = tiny_llama_dir
+    devices_when_loaded = {}
+    after_loading = HoloQuantizer._process_model_after_weight_loading
+
+    def record(self, model, **kwargs):
+        devices_when_loaded.update({name: p.device.type for name, p in model.named_parameters()})
+        return after_loading(self, model, **kwargs)
+
+    monkeypatch.setattr(HoloQuantizer, "_process_model_after_weight_loading", record)
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(2))
+    config = HoloTensorConfig(holo_dir=tiny_llama_holo, arbiter=arbiter)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, local_files_only=True)
+    managed = managed_model_of(model)
+    try:
+        dense = {name for name, device in devices_when_loaded.items() if device != "meta"}
+        assert not set(managed.levels) & dense, "a layer weight was loaded densely"
+        assert dense and all(name.endswith("norm.weight") for name in dense)  # only the exact tensors are read
+        assert arbiter.wait_until_settled(30) and managed.quality == 1.0
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, expected)
+    finally:
+        managed.unpatch()
+
+
+def test_from_pretrained_refuses_a_holo_dir_made_from_other_weights(tiny_llama_holo, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from torch_arbiter.hooks import HoloTensorConfig
+
+    torch.manual_seed(1)  # same architecture as tiny_llama_dir, other weights
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    other.save_pretrained(tmp_path / "other")
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(2))
+    with pytest.raises(PatchError, match="converted from other weights"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "other", local_files_only=True,
+                                             quantization_config=HoloTensorConfig(holo_dir=tiny_llama_holo, arbiter=arbiter))
+    assert arbiter.state().workloads == ()
+
+
 def test_a_converted_dir_loads_through_from_holo_pretrained(tiny_llama_dir, tmp_path):
     from torch_arbiter.holo.convert import convert
     from torch_arbiter.hooks import HoloTensorConfig, from_holo_pretrained

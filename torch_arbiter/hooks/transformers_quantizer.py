@@ -10,9 +10,16 @@ model: its layers become Holo modules and it is registered with the arbiter. The
 :class:`~torch_arbiter.hooks.ManagedModel` is reached with
 :func:`~torch_arbiter.hooks.managed_model_of`.
 
+With ``HoloTensorConfig(holo_dir=...)`` (the model's ``torch-arbiter convert`` checkpoint) the
+layers' weights never exist densely: transformers builds the model on ``meta`` and reads the
+checkpoint tensor by tensor, and each weight a Holo layer will replace is checked against the
+holo checkpoint (sha256) and dropped as it is read, leaving the layer on ``meta`` until
+``patch()`` fills it from the fragments. That needs transformers' per-tensor quantize operations
+(transformers >= 5); older versions load the dense model first.
+
 A directory made by ``torch-arbiter convert`` holds fragments, not a transformers weight file, so
-:func:`from_holo_pretrained` loads it: it takes each tensor's exact top level as the state dict
-and patches from the checkpoint's fragments (nothing is encoded again).
+:func:`from_holo_pretrained` loads it on its own: built on ``meta``, only the exact tensors read,
+the Holo layers filled from the fragments (nothing is encoded again).
 
 Limits: a patched model cannot be saved with ``save_pretrained`` (convert the source instead);
 the arbiter object itself is not part of the serialisable config (pass it as ``arbiter=``).
@@ -103,6 +110,8 @@ class HoloQuantizer(HfQuantizer):
         # A config read back from config.json says "holo" but must not be re-applied blindly:
         # weights saved from a patched model do not exist (is_serializable is False).
         self.pre_quantized = False
+        self._swappable: set[str] | None = None
+        self._read_keys: dict[str, str] = {}
 
     def validate_environment(self, *args: Any, device_map=None, **kwargs: Any) -> None:
         """Refuse device maps that split the model: the safe points guard one top module."""
@@ -110,13 +119,49 @@ class HoloQuantizer(HfQuantizer):
             raise PatchError("HoloTensorConfig needs the whole model on one device; drop device_map "
                              "or map every module to the same device")
 
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        """True for the weight of a layer that a checkpoint's fragments will fill (``holo_dir``
+        set): transformers then hands it to :meth:`get_quantize_ops` instead of keeping it."""
+        if self.quantization_config.holo_dir is None or not _has_quantize_ops():
+            return False
+        from .holo_swap import find_swappable
+
+        module_name, _, leaf = param_name.rpartition(".")
+        if leaf != "weight":
+            return False
+        if self._swappable is None:
+            self._swappable = {name for name, _ in find_swappable(model, allow_meta=True)}
+        return module_name in self._swappable
+
+    def get_quantize_ops(self):
+        """The operation transformers runs on each weight :meth:`param_needs_quantization` picked."""
+        return _leave_on_meta_op(self)
+
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        self._swappable = None
+        self._read_keys = {}
         return model
 
+    def _check_read_weights(self, cache) -> None:
+        """The weights dropped while loading must be the ones the holo checkpoint was made from."""
+        if not self._read_keys:
+            return
+        source = cache.attach(self.quantization_config.holo_dir)
+        exact = {entry["tensor"]: source.keys[fid] for fid, entry in source.index["fragments"].items()
+                 if entry.get("name") == "exact"}
+        differing = sorted(name for name, key in self._read_keys.items() if name in exact and exact[name] != key)
+        if differing:
+            raise PatchError(
+                f"{len(differing)} weight(s) of this checkpoint differ from {self.quantization_config.holo_dir} "
+                f"(first: {differing[0]!r}): the holo checkpoint was converted from other weights; pass the "
+                "holo_dir converted from this model, or convert it again")
+
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from ..arbiter import get_default_arbiter
         from .managed import patch
 
         config: HoloTensorConfig = self.quantization_config
+        self._check_read_weights((getattr(config, "_arbiter", None) or get_default_arbiter()).cache)
         workload = next(m for m in WorkloadType if m.value.name == config.workload)
         managed = patch(model, getattr(config, "_arbiter", None), workload=workload, priority=config.priority,
                         name=config.name, holo_dir=config.holo_dir,
@@ -135,6 +180,36 @@ class HoloQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         """False: Holo layers are inference only."""
         return False
+
+
+def _has_quantize_ops() -> bool:
+    try:
+        from transformers.core_model_loading import ConversionOps  # noqa: F401  (transformers >= 5)
+    except ImportError:
+        return False
+    return True
+
+
+def _leave_on_meta_op(quantizer: HoloQuantizer):
+    """A transformers ``ConversionOps`` that records each weight's content key and returns an
+    empty ``meta`` tensor of the model's dtype in its place: the dense bytes are dropped as soon
+    as they are read, one tensor at a time, and ``patch()`` builds the layer from the fragments."""
+    import torch
+    from transformers.core_model_loading import ConversionOps
+
+    from .cached_weights import tensor_key
+
+    class LeaveOnMeta(ConversionOps):
+        def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+            placeholders = {}
+            for name, value in input_dict.items():
+                value = value[0] if isinstance(value, list) else value
+                quantizer._read_keys[name] = tensor_key(value)
+                dtype = model.get_parameter_or_buffer(name).dtype if model is not None else value.dtype
+                placeholders[name] = torch.empty(value.shape, dtype=dtype, device="meta")
+            return placeholders
+
+    return LeaveOnMeta()
 
 
 def _register() -> None:
