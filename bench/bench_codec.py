@@ -36,7 +36,8 @@ evaluation text is another domain: docstrings of Python's standard library
 issue's targets read off directly). Encode times include collecting the calibration inputs.
 
 Run: ``python bench/bench_codec.py [--only minilm,smollm2,ddpm,throughput] [--threads N] [--ppl-tokens N]
-[--ddpm-rotation-seeds N]``.
+[--ddpm-rotation-seeds N] [--data-free-only]`` (``--data-free-only``: a quick loop that skips the
+calibrated MiniLM and SmolLM2 encodings; its results file name ends in ``_data_free``).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def _sentences(count: int) -> list[str]:
 
 
 @torch.no_grad()
-def bench_minilm(count: int) -> tuple[list[dict], str]:
+def bench_minilm(count: int, data_free_only: bool = False) -> tuple[list[dict], str]:
     model, tokenizer = models.load_minilm()
     sentences = evaluation_sentences(count)
     licences = _sentences(_CALIBRATION_SENTENCES)
@@ -259,9 +260,10 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    variants = {"data-free": _Variants(model),
-                "self-calibrated": _Variants(model, self_calibration_run(model, "transformers", progress=False)),
-                "calibrated on licences": _Variants(model, lambda: model(**calib_batch), max_rows=4096)}
+    variants = {"data-free": _Variants(model)}
+    if not data_free_only:
+        variants["self-calibrated"] = _Variants(model, self_calibration_run(model, "transformers", progress=False))
+        variants["calibrated on licences"] = _Variants(model, lambda: model(**calib_batch), max_rows=4096)
     reference = embed()
     ref_sim = reference @ reference.t()
     ref_sim.fill_diagonal_(-2)
@@ -288,11 +290,12 @@ def bench_minilm(count: int) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def bench_smollm2(max_tokens: int) -> tuple[list[dict], str]:
+def bench_smollm2(max_tokens: int, data_free_only: bool = False) -> tuple[list[dict], str]:
     model, tokenizer = models.load_smollm2()
     text = evaluation_text()
-    variants = {"data-free": _Variants(model),
-                "self-calibrated": _Variants(model, self_calibration_run(model, "transformers", progress=False))}
+    variants = {"data-free": _Variants(model)}
+    if not data_free_only:
+        variants["self-calibrated"] = _Variants(model, self_calibration_run(model, "transformers", progress=False))
     first = variants["data-free"]
     ids = tokenizer(text[:2000], return_tensors="pt").input_ids[:, :256]
     reference_logits = model(ids).logits
@@ -419,12 +422,16 @@ def main() -> int:
     parser.add_argument("--ddpm-rotation-seeds", type=int, default=8,
                         help="rotation seeds the DDPM's holo levels are also measured over (mean)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data-free-only", action="store_true",
+                        help="skip the calibrated encodings of MiniLM and SmolLM2 (SmolLM2's self-calibration "
+                             "alone takes ~13 min on 2 CPU cores): a quick loop while tuning the codec")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sections, data = [], {}
     wanted = args.only.split(",")
-    runners = {"minilm": lambda: bench_minilm(args.sentences), "smollm2": lambda: bench_smollm2(args.ppl_tokens),
+    runners = {"minilm": lambda: bench_minilm(args.sentences, args.data_free_only),
+               "smollm2": lambda: bench_smollm2(args.ppl_tokens, args.data_free_only),
                "ddpm": lambda: bench_ddpm(args.ddpm_steps, args.ddpm_rotation_seeds), "throughput": bench_throughput}
     for name in wanted:
         start = time.perf_counter()
@@ -432,7 +439,7 @@ def main() -> int:
         data[name] = rows
         sections.append(f"## {name}\n\n{text}\n\n({time.perf_counter() - start:.0f} s)")
         print(sections[-1], flush=True)
-    suffix = "" if len(wanted) == 4 else "_" + "_".join(wanted)
+    suffix = ("" if len(wanted) == 4 else "_" + "_".join(wanted)) + ("_data_free" if args.data_free_only else "")
     path = write_results(f"codec{suffix}", "HoloTensor codec vs round-to-nearest and the seed's DCT",
                          "\n\n".join(sections), data)
     print(path)
