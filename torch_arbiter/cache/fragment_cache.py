@@ -421,11 +421,13 @@ class FragmentCache:
         Raises:
             UnknownFragmentError, CorruptFragmentError, InsufficientMemoryError: as :meth:`get`.
         """
+        fetched = False
         while True:
             with self._lock:  # in memory already (a switch's usual case): one lock, no search
                 self._check_open()
                 if key in self._lru[CacheTier.DEVICE]:
-                    self._hits[CacheTier.DEVICE] += 1
+                    if not fetched:  # else get() below counted this call's hit, where it found the copy
+                        self._hits[CacheTier.DEVICE] += 1
                     self._touch(key, CacheTier.DEVICE)
                 elif key in self._lru[CacheTier.HOST]:
                     self._misses[CacheTier.DEVICE] += 1  # counted as get() would
@@ -440,6 +442,7 @@ class FragmentCache:
             # Read from DISK or REMOTE without the lock; the last holder of another model may
             # release the DEVICE copy before this one registers, so look again.
             self.get(key, CacheTier.DEVICE)
+            fetched = True
 
     def release(self, key: str, holder: str) -> None:
         """``holder`` no longer needs ``key`` at DEVICE. When no holder is left the DEVICE copy
