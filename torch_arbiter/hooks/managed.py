@@ -571,12 +571,9 @@ class ManagedModel:
         otherwise be paid one layer after another. Into HOST when it has room for them all,
         else straight to DEVICE, where the layers then take them (a bounded HOST is not
         flushed for a raise that would pass through it)."""
-        cache = self.cache
-        if cache is None:
+        if self.cache is None:
             return
-        in_memory = {CacheTier.DEVICE, CacheTier.HOST}
-        self._read_ahead([key for name, level in raising for key in self._content_keys(name, level)
-                          if not in_memory & set(cache.tiers_of(key))], else_disk=False)
+        self._read_ahead([key for name, level in raising for key in self._content_keys(name, level)], else_disk=False)
 
     def _fetch_floor(self) -> None:
         """Read the floor's fragments now, in the caller's thread, into HOST (or, without room
@@ -586,14 +583,14 @@ class ManagedModel:
         failure; a checkpoint or URL that cannot serve the floor must fail ``patch()`` with its
         error (naming the URL) instead of leaving it waiting for a level that never comes.
         """
-        cache = self.cache
-        keys = [key for name in self._holos for key in self._content_keys(name, 1)]
-        self._read_ahead([key for key in keys if not {CacheTier.DEVICE, CacheTier.HOST} & set(cache.tiers_of(key))],
-                         else_disk=True)
+        self._read_ahead([key for name in self._holos for key in self._content_keys(name, 1)], else_disk=True)
 
     def _read_ahead(self, keys: list[str], *, else_disk: bool) -> None:
-        """Read ``keys`` in parallel into HOST when it has room for all of them; else onto DISK
-        (``else_disk``: a URL's are staged, a local checkpoint's are read and checked) or to DEVICE."""
+        """Read those of ``keys`` not in DEVICE or HOST, in parallel: into HOST when it has room
+        for all of them; else onto DISK (``else_disk``: a URL's are staged, a local checkpoint's
+        are read and checked) or to DEVICE."""
+        in_memory = {CacheTier.DEVICE, CacheTier.HOST}
+        keys = [key for key in keys if not in_memory & set(self.cache.tiers_of(key))]
         if not keys:
             return
         room = self.cache.host_room()
