@@ -569,8 +569,10 @@ class ManagedModel:
         """Bring the fragments of a raise in, in parallel: one round trip per fragment over HTTP,
         or one file read and page-faulting of fresh memory per fragment from DISK, would
         otherwise be paid one layer after another. Into HOST when it has room for them all,
-        else straight to DEVICE, where the layers then take them (a bounded HOST is not
-        flushed for a raise that would pass through it)."""
+        else, on a CPU device, straight to DEVICE, where the layers then take them (a bounded
+        HOST is not flushed for a raise that would pass through it). On CUDA the layers read
+        them in this thread: the allocator charges a CUDA allocation to the workload of the
+        thread that makes it, and the cache's reader threads have none."""
         if self.cache is None:
             return
         self._read_ahead([key for name, level in raising for key in self._content_keys(name, level)], else_disk=False)
@@ -588,7 +590,7 @@ class ManagedModel:
     def _read_ahead(self, keys: list[str], *, else_disk: bool) -> None:
         """Read those of ``keys`` not in DEVICE or HOST, in parallel: into HOST when it has room
         for all of them; else onto DISK (``else_disk``: a URL's are staged, a local checkpoint's
-        are read and checked) or to DEVICE."""
+        are read and checked), or to DEVICE when it is the CPU (see :meth:`_fetch_for`)."""
         in_memory = {CacheTier.DEVICE, CacheTier.HOST}
         keys = [key for key in keys if not in_memory & set(self.cache.tiers_of(key))]
         if not keys:
@@ -598,7 +600,7 @@ class ManagedModel:
             self.cache.get_many(keys, CacheTier.HOST)
         elif else_disk:
             self.cache.get_many(keys, CacheTier.DISK)
-        else:
+        elif torch.device(self.cache.config.device).type == "cpu":
             self.cache.get_many(keys, CacheTier.DEVICE)
 
     def _fixed_tensors(self) -> list[torch.Tensor]:
