@@ -40,6 +40,13 @@ def test_quality_one_gives_the_unpatched_images(managed_ddpm, reference_images, 
     assert np.array_equal(sample_digits(managed_ddpm.model), reference_images)
 
 
+def test_patch_self_calibrates_the_unets_convs_on_its_own_denoising_loop(managed_ddpm):
+    encoded = [m for m in managed_ddpm.model.unet.modules()
+               if isinstance(m, (HoloConv2d, HoloLinear)) and m.holo.scheme == "nested4x2"]
+    assert sum(isinstance(m, HoloConv2d) for m in encoded) >= 10
+    assert all("out_rel_error" in m.holo.level_fidelity(1) for m in encoded)
+
+
 def test_psnr_and_resident_bytes_per_quality(managed_ddpm, reference_images, sample_digits, record_property):
     rows = []
     for q in (1.0, 0.7, 0.5, managed_ddpm.min_quality):

@@ -4,11 +4,11 @@
 - :mod:`.plan`: :func:`plan_quality` / :func:`min_quality` (which level each tensor takes at
   model quality ``q``);
 - :mod:`.format`: :func:`save_holo`, :class:`HoloCheckpoint`, :func:`decode_fragment`;
-- :mod:`.calibrate`: :func:`collect_linear_inputs` (layer inputs for GPTQ-rounded encoding);
+- :mod:`.calibrate`: :func:`collect_layer_inputs` (layer inputs for GPTQ-rounded encoding);
 - :mod:`.convert`: :func:`convert` a model directory or file into a holo checkpoint.
 """
 
-from .calibrate import collect_linear_inputs, collect_weight_inputs
+from .calibrate import collect_layer_inputs, collect_weight_inputs
 from .codec import FragmentSpec, HoloTensor
 from .format import INDEX_NAME, HoloCheckpoint, decode_fragment, fragment_id, save_holo
 from .plan import min_quality, plan_bytes, plan_order, plan_quality
@@ -25,6 +25,6 @@ __all__ = [
     "HoloCheckpoint",
     "decode_fragment",
     "fragment_id",
-    "collect_linear_inputs",
+    "collect_layer_inputs",
     "collect_weight_inputs",
 ]

@@ -424,7 +424,8 @@ class HoloTensor:
                 4-bit grid, such as a dequantised Q4_1, keep theirs).
             seed: seed of the random signs of the rotation.
             min_numel: tensors smaller than this are kept exact only.
-            calibration: optional ``[m, K]`` input activations of the layer; then level 1 is
+            calibration: optional ``[m, K]`` input activations of the layer (for a conv, the
+                patches of its input, ``K = in*kh*kw``: see :mod:`torch_arbiter.holo.calibrate`); then level 1 is
                 rounded with error feedback (GPTQ, on the rotated weight with the inputs'
                 ``XᵀX``) to lower the layer's output error, and every level also records
                 ``out_rel_error`` (the planner weighs by it). Without it level 1 is

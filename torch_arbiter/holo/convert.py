@@ -155,7 +155,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | 
         progress: show a tqdm bar on stderr.
         calibration_text: a text file (not your evaluation text) for a transformers or GGUF
             source: the model is loaded with transformers, runs the first ``calibration_tokens``
-            tokens of it once, and every ``nn.Linear`` weight is encoded with GPTQ rounding on
+            tokens of it once, and every ``nn.Linear`` and ``nn.Conv2d`` weight is encoded with GPTQ rounding on
             its own inputs (lower error at the same bytes; a slower encode).
         calibration_tokens: how many tokens of ``calibration_text`` to run (capped at the
             model's context length).

@@ -215,7 +215,7 @@ def apply_holo_swap(root: nn.Module, *, prefix: str = "", checkpoint: "Checkpoin
         progress: show a tqdm bar.
         description: the bar's label.
         calibration: input rows per layer (from
-            :func:`~torch_arbiter.holo.calibrate.collect_linear_inputs`), passed to
+            :func:`~torch_arbiter.holo.calibrate.collect_layer_inputs`), passed to
             :meth:`HoloTensor.encode` as ``calibration=`` for the layers it has (ignored when
             reading a checkpoint).
 

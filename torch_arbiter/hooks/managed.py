@@ -45,7 +45,7 @@ from ..cache import CacheConfig, CacheTier, FragmentCache
 from ..cache.prefetch import Prefetcher, PrefetchStats
 from ..errors import AllocationTimeoutError, InvalidRequestError, PatchError, PreemptedError
 from ..holo import plan_bytes, plan_order, plan_quality
-from ..holo.calibrate import collect_linear_inputs
+from ..holo.calibrate import collect_layer_inputs
 from ..memory import trim_host_heap
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 from ..nn.modules import guard_dtype_changes
@@ -800,7 +800,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             :class:`~torch_arbiter.errors.PreemptedError`. None waits for ever.
         register: False patches without registering (quality moves only by ``set_quality``).
         progress: show a tqdm bar while encoding.
-        calibration: representative inputs, so that every ``nn.Linear`` is encoded with GPTQ
+        calibration: representative inputs, so that every ``nn.Linear`` and ``nn.Conv2d`` is encoded with GPTQ
             error feedback on its own inputs where that measures better on held-out rows (lower
             output error at the same bytes; encoding takes longer): a callable run once on ``obj``
             before any layer is swapped (``lambda m: m(input_ids)``), or a tensor / dict of inputs
@@ -855,7 +855,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
     else:
         run = _calibration_run(obj, calibration)
     if run is not None:
-        inputs = collect_linear_inputs(components.values(), run)
+        inputs = collect_layer_inputs(components.values(), run)
     swapped: list[SwappedLayer] = []
     hooks: list[SafePointHandle] = []
     managed: ManagedModel | None = None

@@ -17,8 +17,11 @@ measures better than round-to-nearest on held-out rows of these inputs (see
 :mod:`torch_arbiter.holo.codec`), so a poor self-made sample costs encode time, not fidelity on
 those rows.
 
-Limits: only ``nn.Linear`` layers are calibrated (convs and embeddings stay round-to-nearest); a
-pipeline whose ``__call__`` needs arguments other than a prompt is not self-calibrated (a
+Linears and (ungrouped) convs are calibrated, a conv on the patches of its input
+(:mod:`torch_arbiter.holo.calibrate`); on the digits DDPM that is what lets a pipeline's own loop
+help at all (its UNet is nearly all convs).
+
+Limits: embeddings and grouped convs stay round-to-nearest; a pipeline whose ``__call__`` needs arguments other than a prompt is not self-calibrated (a
 warning says so; pass ``calibration=callable``).
 """
 
@@ -55,7 +58,7 @@ def self_calibration_run(obj: Any, kind: str, progress: bool = True) -> Callable
         progress: show a tqdm bar saying what runs.
 
     Returns:
-        A callable for :func:`~torch_arbiter.holo.calibrate.collect_linear_inputs`, or None when
+        A callable for :func:`~torch_arbiter.holo.calibrate.collect_layer_inputs`, or None when
         ``obj`` gives no way to make inputs (a plain ``nn.Module``: its input is unknown).
     """
     if kind == "transformers":
