@@ -58,6 +58,7 @@ from _common import evaluation_sentences, evaluation_text, write_results  # noqa
 from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
                                 plan_quality)
+from torch_arbiter.holo.calibrate import DEFAULT_CALIBRATION_ROWS  # noqa: E402
 from torch_arbiter.hooks.self_calibration import self_calibration_run  # noqa: E402
 
 _MIN_NUMEL = 4096
@@ -131,9 +132,10 @@ def _dct(weight: torch.Tensor, nbytes: int) -> tuple[torch.Tensor, int]:
 class _Variants:
     """Holds the encoded model and produces weight sets for each method at a byte budget."""
 
-    def __init__(self, model, run=None, max_rows=32768, seed=0):
+    def __init__(self, model, run=None, max_rows=DEFAULT_CALIBRATION_ROWS, seed=0):
         """Encode every weight of ``model``; ``run`` drives it for calibration inputs (None: data-free),
-        of which the first ``max_rows`` per layer are kept; ``seed``: the rotation's signs."""
+        of which ``max_rows`` per layer are kept (default: what ``patch()`` keeps); ``seed``: the
+        rotation's signs."""
         self.params = _params(model)
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
         start = time.perf_counter()
@@ -284,7 +286,7 @@ def bench_minilm(count: int, data_free_only: bool = False) -> tuple[list[dict], 
     table += "\n".join(f"| {r['method']} | {r['bpw']:.3f} | {r['mean_cosine']:.5f} | {r['min_cosine']:.4f} | "
                        f"{100 * r['nn_agreement']:.1f} % |" for r in rows)
     head = (f"all-MiniLM-L6-v2: {len(sentences)} sentences of Python standard-library docstrings, "
-            f"{first.numel:,} parameters; calibrated on licences = the first 4096 token rows of {len(licences)} licence sentences. "
+            f"{first.numel:,} parameters; calibrated on licences = 4096 token rows sampled uniformly from {len(licences)} licence sentences. "
             f"{_encode_note(variants)} Grids chosen (data-free): {_grid_choices(first)}")
     return rows, head + "\n\n" + table
 

@@ -110,3 +110,19 @@ def test_a_long_run_is_sampled_evenly_not_by_its_first_rows():
     # 10,000 rows, 1,000 kept: each tenth of the run holds about 100 (binomial sd ~9.5).
     counts = torch.bincount((rows // (calls // 10)).long(), minlength=10)
     assert counts.min() >= 60 and counts.max() <= 140, counts.tolist()
+
+
+def test_forwards_inside_not_recorded_are_left_out():
+    from torch_arbiter.holo.calibrate import not_recorded
+
+    linear = nn.Linear(3, 3)
+
+    def run():
+        with not_recorded():
+            linear(torch.zeros(5, 3))
+            with not_recorded():
+                linear(torch.zeros(5, 3))
+            linear(torch.zeros(5, 3))  # still inside the outer block
+        linear(torch.ones(2, 3))
+
+    assert torch.equal(collect_layer_inputs(linear, run)[linear], torch.ones(2, 3))

@@ -146,6 +146,20 @@ def test_patch_self_calibrates_a_causal_lm_unless_told_not_to(tiny_llama_dir):
     plain.unpatch()
 
 
+def test_a_causal_lms_self_calibration_records_its_final_forward_only(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    from torch_arbiter.holo.calibrate import collect_layer_inputs
+    from torch_arbiter.hooks.self_calibration import SELF_CALIBRATION_TOKENS, self_calibration_run
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir[0]).eval()
+    inputs = collect_layer_inputs(model, self_calibration_run(model, "transformers", progress=False),
+                                  max_rows=10**6)
+    sequences, length = SELF_CALIBRATION_TOKENS
+    # Generating token by token makes the same rows again; only the forward over the text counts.
+    assert inputs and all(rows.shape[0] == sequences * length for rows in inputs.values())
+
+
 def test_patch_self_calibrates_an_encoder_on_random_tokens():
     from transformers import BertConfig, BertModel
 

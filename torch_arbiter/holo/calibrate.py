@@ -23,18 +23,37 @@ are kept, in bfloat16 on the CPU, so memory is ``max_rows x width x 2`` bytes pe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
 
-__all__ = ["collect_layer_inputs", "collect_weight_inputs", "DEFAULT_CALIBRATION_ROWS"]
+__all__ = ["collect_layer_inputs", "collect_weight_inputs", "not_recorded", "DEFAULT_CALIBRATION_ROWS"]
 
 #: Rows of inputs kept per layer by default.
 DEFAULT_CALIBRATION_ROWS = 1024
 _SEED = 0
+_paused = threading.local()
+
+
+@contextmanager
+def not_recorded() -> Iterator[None]:
+    """Forwards made inside this block (in this thread) are not recorded by :func:`collect_layer_inputs`.
+
+    For a run whose first part only prepares inputs: a causal LM that generates its calibration
+    text one token at a time makes, for every token, the same layer inputs its final forward over
+    the whole text makes again; recorded twice, they would halve the distinct rows a sample keeps.
+    """
+    before = getattr(_paused, "active", False)
+    _paused.active = True
+    try:
+        yield
+    finally:
+        _paused.active = before
 
 
 @torch.no_grad()
@@ -66,7 +85,7 @@ def collect_layer_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[]
     generator = torch.Generator().manual_seed(_SEED)
 
     def keep(module: nn.Module, args: tuple, _output: Any) -> None:
-        if not args or not isinstance(args[0], torch.Tensor):
+        if not args or not isinstance(args[0], torch.Tensor) or getattr(_paused, "active", False):
             return
         sample = samples.setdefault(module, _Reservoir(max_rows, generator))
         if isinstance(module, nn.Conv2d):

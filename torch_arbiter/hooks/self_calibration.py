@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..holo.calibrate import not_recorded
+
 __all__ = ["SELF_CALIBRATION_HOOK", "SELF_CALIBRATION_TOKENS", "SELF_CALIBRATION_STEPS", "self_calibration_run"]
 
 SELF_CALIBRATION_HOOK = "torch_arbiter_self_calibration"
@@ -110,7 +112,7 @@ def _generate(model: nn.Module, progress: bool) -> None:
             bar.close()
 
     ids = torch.full((sequences, 1), start, dtype=torch.long, device=_device(model))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), not_recorded():
         torch.manual_seed(_SEED)
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=_TOP_K,
                                    temperature=1.0, top_p=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
