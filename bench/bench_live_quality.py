@@ -12,7 +12,8 @@
 - The digits DDPM (patched by encoding): PSNR of the images at each quality against the unpatched
   pipeline with the same seed, and the resident bytes.
 
-Run: ``python bench/bench_live_quality.py [--quick]``.
+Run: ``python bench/bench_live_quality.py [--quick] [--only smollm2|ddpm]`` (``--only`` writes
+``results/live_quality_<model>``, leaving the two-model results file alone).
 """
 
 from __future__ import annotations
@@ -97,14 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     """Measure both models and write bench/results/live_quality.{md,json}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and images")
+    parser.add_argument("--only", choices=("smollm2", "ddpm"), help="measure one model")
     args = parser.parse_args(argv)
     args.ppl_tokens, args.window, args.stride = (256, 256, 256) if args.quick else (1024, 512, 256)
     args.new_tokens = 8 if args.quick else 24
     args.images, args.steps = (4, 10) if args.quick else (16, 25)
 
     smol_runs = {label: _smollm2(args, calibrated) for label, calibrated in
-                 (("converted, round-to-nearest", False), ("patch(calibration=...), GPTQ", True))}
-    ddpm_rows, ddpm = _ddpm(args)
+                 (("converted, round-to-nearest", False), ("patch(calibration=...), GPTQ", True))
+                 if args.only in (None, "smollm2")}
+    ddpm_rows, ddpm = _ddpm(args) if args.only in (None, "ddpm") else ([], None)
     table = []
     for label, (smol_rows, smol) in smol_runs.items():
         table += [f"## SmolLM2-135M-Instruct, {label}", "",
@@ -121,21 +124,23 @@ def main(argv: list[str] | None = None) -> None:
                          f"{r['perplexity'] / smol['reference_perplexity'] - 1:+.2%} | "
                          f"{r['token_agreement']:.0%} | {r['set_quality_s']:.2f} |")
         table.append("")
-    table += ["## Digits DDPM", "",
-              f"{ddpm['holo_layers']} Holo layers, {ddpm['parameters']} parameters, full {ddpm['full_bytes']} bytes; "
-              f"PSNR of {args.images} images ({args.steps} steps, seed 0) against the unpatched pipeline.", "",
-              "| quality | applied | resident bytes | = bytes_at | bits/weight | PSNR dB |", "|---|---|---|---|---|---|"]
+    if ddpm is not None:
+        table += ["## Digits DDPM", "",
+                  f"{ddpm['holo_layers']} Holo layers, {ddpm['parameters']} parameters, full {ddpm['full_bytes']} "
+                  f"bytes; patched with `patch(pipeline)` (self-calibrated on its own denoising loop); PSNR of "
+                  f"{args.images} images ({args.steps} steps, seed 0) against the unpatched pipeline.", "",
+                  "| quality | applied | resident bytes | = bytes_at | bits/weight | PSNR dB |", "|---|---|---|---|---|---|"]
     for r in ddpm_rows:
         psnr = "inf (identical)" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
         table.append(f"| {r['quality']:.3f} | {r['applied']:.3f} | {r['resident_bytes']} | "
                      f"{'yes' if r['resident_bytes'] == r['planned_bytes'] else 'NO'} | {r['bits_per_weight']:.2f} | {psnr} |")
     notes = ("Quality below min_quality applies min_quality (every Holo layer at its lowest level). The SmolLM2 "
              "reference is already on a 4-bit grid (dequantised Q4_1), so the int4 level of the codec looks "
-             "better there than it would on fp16 weights. set_quality includes re-packing int4 kernel codes.")
-    path = write_results("live_quality", "Live quality through patch(): perplexity, PSNR, resident bytes",
+             "better there than it would on fp16 weights.")
+    path = write_results("live_quality" + (f"_{args.only}" if args.only else ""), "Live quality through patch(): perplexity, PSNR, resident bytes",
                          "\n".join(table), {**{f"smollm2 {label}": {**smol, "rows": rows}
                                                for label, (rows, smol) in smol_runs.items()},
-                                            "digits_ddpm": {**ddpm, "rows": ddpm_rows}}, notes)
+                                            **({"digits_ddpm": {**ddpm, "rows": ddpm_rows}} if ddpm else {})}, notes)
     print(path.read_text())
 
 
