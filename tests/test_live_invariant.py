@@ -16,6 +16,7 @@ tracker). Checked:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -161,6 +162,16 @@ class LivePath(RuleBasedStateMachine):
 
     @invariant()
     def what_is_granted_is_what_is_held(self):
+        # Between moves: while a model lowers, a fragment it shares is charged to its other holder
+        # as soon as it lets go, and the arbiter learns at that model's commit (its own held bytes
+        # cover the fragment until then), so per model the check holds between moves only.
+        with contextlib.ExitStack() as quiet:
+            for _, managed in list(self.models):
+                quiet.enter_context(managed._lock)
+            self._check_held()
+        assert not self.violations, self.violations[:3]
+
+    def _check_held(self):
         with self.arbiter._lock:
             capacity = self.arbiter.state().capacity_bytes
             held = self.arbiter.held_bytes()
@@ -176,7 +187,6 @@ class LivePath(RuleBasedStateMachine):
             bare = sum(held.get(a.id, 0) for a in self.bare)
             assert models + bare <= capacity, f"{models} B in models + {bare} B bare > {capacity} B"
             assert sum(held.values()) <= capacity
-        assert not self.violations, self.violations[:3]
 
     def teardown(self):
         try:

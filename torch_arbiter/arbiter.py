@@ -947,16 +947,17 @@ class Arbiter:
             self._settled.notify_all()
 
     def _update_held(self, allocation: Allocation, nbytes: int) -> None:
-        """A patched model's charge changed without a move (a fragment it shares changed hands):
-        record ``nbytes`` as what it holds, keeping its applied target."""
+        """A patched model's charge grew without a move (an older holder of a fragment it shares
+        let go of it): hold at least ``nbytes`` for it, keeping its applied target.
+
+        Only ever raises: charges move *to* the remaining holders, and a model in the middle of a
+        move holds a reservation for its raise that its own commit settles. It used to skip a
+        model whose target was not applied (streaming in, or after a failed move), which then
+        held more than the arbiter counted until its next move.
+        """
         with self._lock:
-            if allocation.id not in self._allocations or allocation.id not in self._applied:
-                return
-            freed = self._held.get(allocation.id, 0) > nbytes
-            self._held[allocation.id] = nbytes
-            if freed:
-                self._sync_bare_locked()
-                self._applier.wake()
+            if allocation.id in self._allocations and nbytes > self._held.get(allocation.id, 0):
+                self._held[allocation.id] = nbytes
 
     def _settled_locked(self) -> bool:
         for a in self._allocations.values():
