@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         psnr = "inf (identical)" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
         table.append(f"| {r['quality']:.3f} | {r['applied']:.3f} | {r['resident_bytes']} | "
                      f"{'yes' if r['resident_bytes'] == r['planned_bytes'] else 'NO'} | {r['bits_per_weight']:.2f} | {psnr} |")
-    notes = ("Quality below min_quality applies min_quality (every Holo layer at its lowest level). The SmolLM2 "
-             "reference is already on a 4-bit grid (dequantised Q4_1), so the int4 level of the codec looks "
-             "better there than it would on fp16 weights.")
+    notes = "Quality below min_quality applies min_quality (every Holo layer at its lowest level)."
+    if smol_runs:
+        notes += (" The SmolLM2 reference is already on a 4-bit grid (dequantised Q4_1), so the int4 level of the "
+                  "codec looks better there than it would on fp16 weights.")
     path = write_results("live_quality" + (f"_{args.only}" if args.only else ""), "Live quality through patch(): perplexity, PSNR, resident bytes",
                          "\n".join(table), {**{f"smollm2 {label}": {**smol, "rows": rows}
                                                for label, (rows, smol) in smol_runs.items()},

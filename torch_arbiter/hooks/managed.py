@@ -806,7 +806,7 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             before any layer is swapped (``lambda m: m(input_ids)``), or a tensor / dict of inputs
             passed to the model. Not evaluation data. ``"auto"`` (default): the model calibrates
             on inputs it makes itself (:mod:`.self_calibration`: a causal LM samples 1024 tokens
-            from BOS, another transformers model reads random token ids, a pipeline runs 4
+            from BOS, another transformers model reads random token ids, a pipeline runs 8
             denoising steps; a plain ``nn.Module`` is not calibrated). ``False`` or None: no
             calibration (round-to-nearest on a refitted grid). Ignored with ``holo_dir``.
         enforce: run every top-module forward (and every level switch) inside the allocation's
