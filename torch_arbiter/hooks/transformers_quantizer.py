@@ -140,7 +140,18 @@ class HoloQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         self._swappable = None
         self._read_keys = {}
+        if self.quantization_config.holo_dir is not None and _has_quantize_ops():
+            # transformers >= 5.25 kernelizes (hub kernels, on by default) before the quantizer's
+            # post-processing, on the device of the model's first parameter: a layer weight this
+            # quantizer leaves on meta, which `kernels` refuses. Name the device patch() puts the
+            # layers on, as transformers itself does for weights a device map offloads to meta.
+            model._kernels_device = str(self._arbiter().config.device)
         return model
+
+    def _arbiter(self):
+        from ..arbiter import get_default_arbiter
+
+        return getattr(self.quantization_config, "_arbiter", None) or get_default_arbiter()
 
     def _check_read_weights(self, cache) -> None:
         """The weights dropped while loading must be the ones the holo checkpoint was made from."""
@@ -157,11 +168,10 @@ class HoloQuantizer(HfQuantizer):
                 "holo_dir converted from this model, or convert it again")
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        from ..arbiter import get_default_arbiter
         from .managed import patch
 
         config: HoloTensorConfig = self.quantization_config
-        self._check_read_weights((getattr(config, "_arbiter", None) or get_default_arbiter()).cache)
+        self._check_read_weights(self._arbiter().cache)
         workload = next(m for m in WorkloadType if m.value.name == config.workload)
         managed = patch(model, getattr(config, "_arbiter", None), workload=workload, priority=config.priority,
                         name=config.name, holo_dir=config.holo_dir,
