@@ -90,7 +90,8 @@ def collect_layer_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[]
         sample = samples.setdefault(module, _Reservoir(max_rows, generator))
         if isinstance(module, nn.Conv2d):
             x = args[0] if args[0].dim() == 4 else args[0].unsqueeze(0)
-            count = x.shape[0] * _output_positions(module, x)
+            height, width = _output_size(module, x)
+            count = x.shape[0] * height * width
             slots, picked = sample.choose(count)
             sample.put(slots, _conv_patches(module, x, picked))
         else:
@@ -196,13 +197,12 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1]
 
 
-def _output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
+def _output_size(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """``(height, width)`` of ``conv``'s output for input ``x``."""
     top, bottom, left, right = _conv_padding(conv)
-    sizes = []
-    for size, pad, k, s, d in zip(x.shape[-2:], (top + bottom, left + right), conv.kernel_size, conv.stride,
-                                  conv.dilation):
-        sizes.append(max(0, (size + pad - d * (k - 1) - 1) // s + 1))
-    return sizes[0] * sizes[1]
+    height, width = (max(0, (size + pad - d * (k - 1) - 1) // s + 1) for size, pad, k, s, d in zip(
+        x.shape[-2:], (top + bottom, left + right), conv.kernel_size, conv.stride, conv.dilation))
+    return height, width
 
 
 def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
@@ -213,8 +213,8 @@ def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, picked: torch.Tensor) -> tor
     """
     top, bottom, left, right = _conv_padding(conv)
     padded = torch.nn.functional.pad(x.detach(), (left, right, top, bottom))
-    per_image = _output_positions(conv, x)
-    width = (padded.shape[-1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+    height, width = _output_size(conv, x)
+    per_image = height * width
     picked = picked.to(x.device)
     image, position = picked // per_image, picked % per_image
     ys = (position // width)[:, None] * conv.stride[0] + torch.arange(conv.kernel_size[0], device=x.device) * conv.dilation[0]
