@@ -21,8 +21,9 @@ Linears and (ungrouped) convs are calibrated, a conv on the patches of its input
 (:mod:`torch_arbiter.holo.calibrate`); on the digits DDPM that is what lets a pipeline's own loop
 help at all (its UNet is nearly all convs).
 
-Limits: embeddings and grouped convs stay round-to-nearest; a pipeline whose ``__call__`` needs arguments other than a prompt is not self-calibrated (a
-warning says so; pass ``calibration=callable``).
+Limits: embeddings and grouped convs stay round-to-nearest; a pipeline whose ``__call__`` needs
+arguments other than a prompt is not self-calibrated (a warning says so; pass
+``calibration=callable``).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class HoloQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         """True for the weight of a layer that a checkpoint's fragments will fill (``holo_dir``
         set): transformers then hands it to :meth:`get_quantize_ops` instead of keeping it."""
-        if self.quantization_config.holo_dir is None or not _has_quantize_ops():
+        if not self._leaves_layers_on_meta():
             return False
         from .holo_swap import find_swappable
 
@@ -140,13 +140,17 @@ class HoloQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         self._swappable = None
         self._read_keys = {}
-        if self.quantization_config.holo_dir is not None and _has_quantize_ops():
+        if self._leaves_layers_on_meta():
             # transformers >= 5.25 kernelizes (hub kernels, on by default) before the quantizer's
             # post-processing, on the device of the model's first parameter: a layer weight this
             # quantizer leaves on meta, which `kernels` refuses. Name the device patch() puts the
             # layers on, as transformers itself does for weights a device map offloads to meta.
             model._kernels_device = str(self._arbiter().config.device)
         return model
+
+    def _leaves_layers_on_meta(self) -> bool:
+        """True when the layer weights are not loaded but filled from ``holo_dir`` (transformers >= 5)."""
+        return self.quantization_config.holo_dir is not None and _has_quantize_ops()
 
     def _arbiter(self):
         from ..arbiter import get_default_arbiter
