@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from torch_arbiter.errors import FormatError, InvalidRequestError
 from torch_arbiter.holo import HoloTensor, min_quality, plan_bytes, plan_quality
+from torch_arbiter.holo.codec import pack_signs, rotate_input, unpack_signs, unrotate
 
 
 def _rel(a, b):
@@ -50,14 +51,29 @@ def test_round_trip_any_shape_and_dtype(out, inp, dtype, group, seed, rotate):
         assert errors[0] < (0.2 if inp >= group else 0.25) and errors[1] < 0.02
 
 
+@settings(max_examples=50, deadline=None)
+@given(signs=st.lists(st.sampled_from([-1, 1]), min_size=1, max_size=300), block=st.sampled_from([1, 2, 4]))
+def test_packed_signs_round_trip_and_rotate_like_the_signs_themselves(signs, block):
+    values = torch.tensor(signs, dtype=torch.int8)
+    packed = pack_signs(values)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-len(signs) // 8)
+    assert torch.equal(unpack_signs(packed, len(signs), torch.int8), values)
+    assert torch.equal(pack_signs(torch.ones(len(signs))), torch.zeros_like(packed))  # unrotated: all zero
+    block = block if len(signs) % block == 0 else 1
+    x = torch.randn(3, len(signs), generator=torch.Generator().manual_seed(len(signs)))
+    assert torch.equal(rotate_input(x, packed, block), rotate_input(x, values, block))
+    assert torch.allclose(unrotate(rotate_input(x, packed, block), packed, block), x, atol=1e-5)
+
+
 def test_levels_bytes_and_fidelity_of_a_linear_weight():
     weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(6)) * 0.02
     holo = HoloTensor.encode(weight, rank=0, group_size=64, symmetric=True)
     assert holo.scheme == "nested4x2" and holo.num_levels == 3
     # The symmetric grid: one bf16 scale per group of 64.
     assert holo.meta["symmetric"] is True
-    assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.25 + 8 * 512 / weight.numel())
-    assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.375 + 8 * 512 / weight.numel())
+    # ... and the rotation's signs, one bit per input column.
+    assert holo.level_fidelity(1)["bits_per_weight"] == pytest.approx(4 + 0.25 + 512 / weight.numel())
+    assert holo.level_fidelity(2)["bits_per_weight"] == pytest.approx(8 + 0.375 + 512 / weight.numel())
     assert _rel(holo.decode(1), weight) == pytest.approx(holo.level_fidelity(1)["rel_error"], rel=1e-4)
     assert _rel(holo.decode(2), weight) == pytest.approx(holo.level_fidelity(2)["rel_error"], rel=1e-4)
     # Going up a level moves only the residual stage: lo nibbles and one uint8 ratio per group.

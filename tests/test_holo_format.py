@@ -141,8 +141,10 @@ def test_truncated_file_and_bad_index_are_format_errors(saved):
     assert "outside" in broken(lambda ix: ix["fragments"][first].update(file="../x"))
     assert "does not list" in broken(lambda ix: ix["fragments"][first].update(tensor="ghost"))
     assert "version" in broken(lambda ix: ix.update(version=99))
-    # Older versions held other codes (v2: bf16 lo_scales, no lo_ratio): refused, with what to do.
+    # Older versions held other codes (v2: bf16 lo_scales, no lo_ratio; v3: one int8 per rotation
+    # sign): refused, with what to do.
     assert "re-convert" in broken(lambda ix: ix.update(version=2))
+    assert "re-convert" in broken(lambda ix: ix.update(version=3))
     wrong_shape = next(f for f, e in index["fragments"].items() if e["tensor"] == "layer.weight" and e["name"] == "hi")
 
     def reshape(ix):

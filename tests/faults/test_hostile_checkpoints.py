@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from torch_arbiter.errors import ArbiterError, FormatError
 from torch_arbiter.holo import HoloTensor, plan_quality
-from torch_arbiter.holo.format import INDEX_NAME, HoloCheckpoint, save_holo
+from torch_arbiter.holo.format import FORMAT_VERSION, INDEX_NAME, HoloCheckpoint, save_holo
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_deep_and_huge_indexes_are_refused_without_parsing_them_whole(small_holo
     (tmp_path / "deep" / INDEX_NAME).write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(FormatError, match="deep"):
         HoloCheckpoint.open(tmp_path / "deep")
-    nested = {"format": "torch-arbiter-holo", "version": 3, "tensors": {}, "fragments": {}, "metadata": {}}
+    nested = {"format": "torch-arbiter-holo", "version": FORMAT_VERSION, "tensors": {}, "fragments": {}, "metadata": {}}
     node = nested["metadata"]
     for _ in range(200):  # under the parser's recursion limit, over the index's depth cap
         node["x"] = {}

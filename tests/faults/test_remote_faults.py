@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch_arbiter.cache import CacheConfig, CacheTier, FragmentCache
 from torch_arbiter.cache.remote import RemoteTier
 from torch_arbiter.errors import ArbiterError, CorruptFragmentError, FormatError, InvalidRequestError
-from torch_arbiter.holo.format import INDEX_NAME, HoloCheckpoint
+from torch_arbiter.holo.format import FORMAT_VERSION, INDEX_NAME, HoloCheckpoint
 
 from .conftest import drip, serve_file_range
 
@@ -88,7 +88,7 @@ def test_http_garbage_is_a_typed_error(lying_server, raw, why):
 
 
 def test_a_hostile_index_from_a_server_is_a_format_error(lying_server):
-    bodies = [b"[" * 200_000 + b"]" * 200_000, json.dumps({"format": "torch-arbiter-holo", "version": 3,
+    bodies = [b"[" * 200_000 + b"]" * 200_000, json.dumps({"format": "torch-arbiter-holo", "version": FORMAT_VERSION,
                                                           "tensors": {}, "fragments": {"x": 1}}).encode()]
     for body in bodies:
         server = lying_server(lambda request, send, body=body: send(_header(Content_Length=len(body)) + body))

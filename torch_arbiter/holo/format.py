@@ -68,7 +68,7 @@ __all__ = [
 
 INDEX_NAME = "holo_index.json"
 FORMAT_NAME = "torch-arbiter-holo"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SHARD_BYTES = 1 << 30
 #: Largest index a reader accepts by default (a 70B model's index is a few MB). Raise it with
 #: ``HoloCheckpoint.open(..., max_index_bytes=)`` / ``CacheConfig.max_index_bytes``.

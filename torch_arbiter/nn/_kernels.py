@@ -22,7 +22,7 @@ from .._native import built_library
 
 __all__ = ["Codes", "available", "codes_for", "decode_rows", "linear", "rotate_rows", "weight_rows"]
 
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _CODE_BLOCK = 32
 #: ta_linear's shape needs: Kp a multiple of its 64-code blocks, out a multiple of its 8-row chunks.
 _FUSED_BLOCK, _FUSED_COLUMNS = 64, 8
@@ -124,7 +124,7 @@ def rotate_rows(x: torch.Tensor, signs: torch.Tensor, padded: int, block: int) -
 
     Args:
         x: ``[rows, K]`` fp32 CPU tensor.
-        signs: the ``signs`` fragment (``int8 [padded]``).
+        signs: the ``signs`` fragment (``uint8 [ceil(padded/8)]`` sign bits).
         padded: ``Kp``.
         block: the Hadamard block (1: signs only).
 

@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TA_KERNELS_ABI 1
+#define TA_KERNELS_ABI 2
 
 typedef struct {
     int64_t out_features;
@@ -34,7 +34,7 @@ typedef struct {
     const uint16_t *scales;   /* bf16 [G, out, pairs]: scale (, zero) */
     int64_t pairs;            /* 1 (symmetric) or 2 */
     const uint8_t *lo_ratio;  /* [G, out], read when lo != NULL */
-    const int8_t *signs;      /* [Kp] rotation signs */
+    const uint8_t *signs;     /* [ceil(Kp/8)] rotation sign bits: bit k%8 of byte k/8 set = -1 */
     int64_t block;            /* Hadamard block (1: not rotated) */
 } ta_codes;
 
@@ -100,14 +100,19 @@ TA_AVX2 static void fwht_block(float *v, int64_t block) {
             }
 }
 
+/* Sign k of the packed rotation signs, as +-1. */
+static inline float sign_at(const uint8_t *signs, int64_t k) {
+    return (signs[k >> 3] >> (k & 7)) & 1 ? -1.0f : 1.0f;
+}
+
 /* out[m] = blockwise ((x[m] zero-padded to Kp) ⊙ s) · H, H the orthonormal Sylvester Hadamard. */
-TA_AVX2 void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, const int8_t *signs,
+TA_AVX2 void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, const uint8_t *signs,
                             int64_t padded, int64_t block, float *out) {
     float norm = 1.0f / sqrtf((float)block);
     for (int64_t m = 0; m < rows; m++) {
         float *row = out + m * padded;
         const float *src = x + m * in_features;
-        for (int64_t k = 0; k < in_features; k++) row[k] = src[k] * signs[k];
+        for (int64_t k = 0; k < in_features; k++) row[k] = src[k] * sign_at(signs, k);
         for (int64_t k = in_features; k < padded; k++) row[k] = 0;
         if (block > 1) {
             for (int64_t start = 0; start < padded; start += block) fwht_block(row + start, block);
@@ -117,11 +122,11 @@ TA_AVX2 void ta_rotate_rows(const float *x, int64_t rows, int64_t in_features, c
 }
 
 /* row = blockwise (row · H) ⊙ s, in place (the inverse of the rotation). */
-TA_AVX2 static void unrotate_row(float *row, int64_t padded, const int8_t *signs, int64_t block) {
+TA_AVX2 static void unrotate_row(float *row, int64_t padded, const uint8_t *signs, int64_t block) {
     float norm = 1.0f / sqrtf((float)block);
     if (block > 1)
         for (int64_t start = 0; start < padded; start += block) fwht_block(row + start, block);
-    for (int64_t k = 0; k < padded; k++) row[k] *= norm * signs[k];
+    for (int64_t k = 0; k < padded; k++) row[k] *= norm * sign_at(signs, k);
 }
 
 /* 32 codes from 16 packed bytes, in order, as four vectors of 8 floats. */
