@@ -140,3 +140,27 @@ def evaluation_sentences(count: int) -> list[str]:
     pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", evaluation_text())]
     unique = list(dict.fromkeys(s for s in pieces if 25 <= len(s) <= 300 and not s.startswith(">>>")))
     return unique[:count]
+
+
+#: Prose of another kind than the docstrings, also on this machine and held nowhere in the
+#: project: sentences of two Perl manuals (an article on localisation, and the diagnostics list).
+OTHER_EVALUATION_TEXTS = {"TPJ13": "/usr/share/perl/5.36.0/Locale/Maketext/TPJ13.pod",
+                          "perldiag": "/usr/share/perl/5.36.0/pod/perldiag.pod"}
+
+
+def other_evaluation_sentences(count: int) -> dict[str, list[str]]:
+    """The first ``count`` distinct sentences (25 to 300 characters) of each of
+    :data:`OTHER_EVALUATION_TEXTS` that exists here (POD commands, verbatim blocks and formatting
+    codes left out)."""
+    import re
+
+    texts = {}
+    for name, path in OTHER_EVALUATION_TEXTS.items():
+        if not Path(path).is_file():
+            continue
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        text = "\n".join(line for line in lines if not line.startswith(("=", " ", "\t")))
+        text = re.sub(r"\s+", " ", re.sub(r"[A-Z]<([^<>]*)>", r"\1", text))
+        pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", text)]
+        texts[name] = list(dict.fromkeys(s for s in pieces if 25 <= len(s) <= 300))[:count]
+    return texts

@@ -31,9 +31,11 @@ inputs, round-to-nearest on the refitted grid), *self-calibrated* (``patch(model
 the inputs the model makes itself, :mod:`torch_arbiter.hooks.self_calibration`) and, for MiniLM,
 *calibrated on licences* (sentences of the licence texts under /usr/share/common-licenses). The
 evaluation text is another domain: docstrings of Python's standard library
-(``_common.evaluation_text``), held nowhere in the project and never calibrated on. ``planned at
-<= X bpw`` rows run the planner at the quality whose byte budget is X bits per parameter (the
-issue's targets read off directly). Encode times include collecting the calibration inputs.
+(``_common.evaluation_text``), held nowhere in the project and never calibrated on; MiniLM's
+planned and HQQ rows are also judged on two Perl manuals (``_common.OTHER_EVALUATION_TEXTS``, when
+present). ``planned at <= X bpw`` rows run the planner at the quality whose byte budget is X bits
+per parameter (the issue's targets read off directly). Encode times include collecting the
+calibration inputs and, for transformers models calibrated, measuring each weight's sensitivity.
 
 Run: ``python bench/bench_codec.py [--only minilm,smollm2,ddpm,throughput] [--threads N] [--ppl-tokens N]
 [--ddpm-rotation-seeds N] [--data-free-only]`` (``--data-free-only``: a quick loop that skips the
@@ -53,11 +55,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import evaluation_sentences, evaluation_text, write_results  # noqa: E402
+from _common import (evaluation_sentences, evaluation_text, other_evaluation_sentences,  # noqa: E402
+                     write_results)
 
 from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
-                                plan_quality)
+                                plan_quality, record_calls, record_model_errors)
 from torch_arbiter.holo.calibrate import DEFAULT_CALIBRATION_ROWS  # noqa: E402
 from torch_arbiter.hooks.self_calibration import self_calibration_run  # noqa: E402
 
@@ -132,17 +135,26 @@ def _dct(weight: torch.Tensor, nbytes: int) -> tuple[torch.Tensor, int]:
 class _Variants:
     """Holds the encoded model and produces weight sets for each method at a byte budget."""
 
-    def __init__(self, model, run=None, max_rows=DEFAULT_CALIBRATION_ROWS, seed=0):
+    def __init__(self, model, run=None, max_rows=DEFAULT_CALIBRATION_ROWS, seed=0, sensitivity=True):
         """Encode every weight of ``model``; ``run`` drives it for calibration inputs (None: data-free),
         of which ``max_rows`` per layer are kept (default: what ``patch()`` keeps); ``seed``: the
-        rotation's signs."""
+        rotation's signs; ``sensitivity``: also record each weight's model error on ``run``'s calls
+        (what ``patch()`` does for a transformers model, not for a pipeline)."""
         self.params = _params(model)
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
         start = time.perf_counter()
-        calibration = collect_weight_inputs(model, run, max_rows=max_rows) if run is not None else {}
+        calibration = {}
+        recorded = None
+        if run is not None:
+            with record_calls([model] if sensitivity else []) as recorded:  # as patch()'s _measure_sensitivity
+                calibration = collect_weight_inputs(model, run, max_rows=max_rows)
         self.holos = {n: HoloTensor.encode(t, min_numel=_MIN_NUMEL, seed=seed,
                                            calibration=calibration.get(n) if _encodable(t) else None)
                       for n, t in self.originals.items()}
+        if recorded is not None:
+            with torch.no_grad():
+                record_model_errors(recorded, {h: (lambda k, n=n: self.params[n].copy_(self.holos[n].decode(k)))
+                                               for n, h in self.holos.items() if h.num_levels > 1})
         self.encode_s = time.perf_counter() - start
         self.numel = sum(t.numel() for t in self.originals.values())
         self.full = sum(h.full_bytes for h in self.holos.values())
@@ -248,14 +260,9 @@ def _sentences(count: int) -> list[str]:
     return unique[:count]
 
 
-@torch.no_grad()
-def bench_minilm(count: int, data_free_only: bool = False) -> tuple[list[dict], str]:
-    model, tokenizer = models.load_minilm()
-    sentences = evaluation_sentences(count)
-    licences = _sentences(_CALIBRATION_SENTENCES)
+def _embedding_score(model, tokenizer, sentences):
+    """``score() -> (mean cosine, min cosine, NN agreement)`` of the model now against itself now."""
     batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=128)
-    # One sentence per forward: a padded batch would add its pad positions' rows, which no text has.
-    calib_inputs = [tokenizer(s, return_tensors="pt", truncation=True, max_length=128) for s in licences]
 
     def embed():
         hidden = model(**batch).last_hidden_state
@@ -263,29 +270,58 @@ def bench_minilm(count: int, data_free_only: bool = False) -> tuple[list[dict], 
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
+    def neighbours(emb):
+        sim = emb @ emb.t()
+        sim.fill_diagonal_(-2)
+        return sim.argmax(1)
+
+    reference = embed()
+    reference_nn = neighbours(reference)
+
+    def score():
+        emb = embed()
+        cos = (emb * reference).sum(-1)
+        return cos.mean().item(), cos.min().item(), (neighbours(emb) == reference_nn).float().mean().item()
+
+    return score
+
+
+@torch.no_grad()
+def bench_minilm(count: int, data_free_only: bool = False) -> tuple[list[dict], str]:
+    model, tokenizer = models.load_minilm()
+    sentences = evaluation_sentences(count)
+    licences = _sentences(_CALIBRATION_SENTENCES)
+    # One sentence per forward: a padded batch would add its pad positions' rows, which no text has.
+    calib_inputs = [tokenizer(s, return_tensors="pt", truncation=True, max_length=128) for s in licences]
     variants = {"data-free": _Variants(model)}
     if not data_free_only:
         variants["self-calibrated"] = _Variants(model, self_calibration_run(model, "transformers", progress=False))
         variants["calibrated on licences"] = _Variants(model, lambda: [model(**x) for x in calib_inputs], max_rows=4096)
-    reference = embed()
-    ref_sim = reference @ reference.t()
-    ref_sim.fill_diagonal_(-2)
-    ref_nn = ref_sim.argmax(1)
+    score = _embedding_score(model, tokenizer, sentences)
+    others = {name: _embedding_score(model, tokenizer, text) for name, text in other_evaluation_sentences(count).items()}
     first = variants["data-free"]
     rows = []
     for name, weights, nbytes in _configs(variants, [(4, 64), (4, 128), (8, 64), (8, 128)], budget_bpw=(4.5, 8.5)):
         first.load(weights)
-        emb = embed()
-        cos = (emb * reference).sum(-1)
-        sim = emb @ emb.t()
-        sim.fill_diagonal_(-2)
-        agree = (sim.argmax(1) == ref_nn).float().mean().item()
-        rows.append({"method": name, "bpw": first.bpw(nbytes), "bytes": nbytes,
-                     "mean_cosine": cos.mean().item(), "min_cosine": cos.min().item(), "nn_agreement": agree})
+        mean, low, agree = score()
+        row = {"method": name, "bpw": first.bpw(nbytes), "bytes": nbytes,
+               "mean_cosine": mean, "min_cosine": low, "nn_agreement": agree}
+        if "planned" in name or name.startswith("hqq"):
+            row["other_texts"] = {text: dict(zip(("mean_cosine", "min_cosine", "nn_agreement"), other()))
+                                  for text, other in others.items()}
+        rows.append(row)
     first.load(first.originals)
     table = "| method | bits/weight | mean cosine | min cosine | NN agreement |\n|---|---:|---:|---:|---:|\n"
     table += "\n".join(f"| {r['method']} | {r['bpw']:.3f} | {r['mean_cosine']:.5f} | {r['min_cosine']:.4f} | "
                        f"{100 * r['nn_agreement']:.1f} % |" for r in rows)
+    if others:
+        table += ("\n\nThe planned and HQQ rows on other texts (`_common.OTHER_EVALUATION_TEXTS`, "
+                  + ", ".join(f"{name}: {len(text)} sentences" for name, text in other_evaluation_sentences(count).items())
+                  + "), mean cosine / NN agreement:\n\n| method | bits/weight | " + " | ".join(others)
+                  + " |\n|---|---:|" + "---:|" * len(others) + "\n")
+        table += "\n".join(f"| {r['method']} | {r['bpw']:.3f} | " + " | ".join(
+            f"{v['mean_cosine']:.5f} / {100 * v['nn_agreement']:.1f} %" for v in r["other_texts"].values()) + " |"
+            for r in rows if "other_texts" in r)
     head = (f"all-MiniLM-L6-v2: {len(sentences)} sentences of Python standard-library docstrings, "
             f"{first.numel:,} parameters; calibrated on licences = 4096 token rows sampled uniformly from {len(licences)} licence sentences (one per forward, no padding). "
             f"{_encode_note(variants)} Grids chosen (data-free): {_grid_choices(first)}")
@@ -340,7 +376,8 @@ def bench_ddpm(steps: int, rotation_seeds: int) -> tuple[list[dict], str]:
     except Exception as exc:  # the weights are committed by another issue; say why it is missing
         return [], f"Digits DDPM: not run ({type(exc).__name__}: {exc})."
     variants = {"data-free": _Variants(pipe.unet),
-                "self-calibrated": _Variants(pipe.unet, self_calibration_run(pipe, "diffusers", progress=False))}
+                "self-calibrated": _Variants(pipe.unet, self_calibration_run(pipe, "diffusers", progress=False),
+                                             sensitivity=False)}
     first = variants["data-free"]
 
     def sample():
@@ -363,7 +400,7 @@ def bench_ddpm(steps: int, rotation_seeds: int) -> tuple[list[dict], str]:
     for seed in range(rotation_seeds):
         for label, run in (("data-free", None), ("self-calibrated", calibration_run)):
             first.load(first.originals)  # encode (and self-calibrate) the full-quality weights
-            encoded = _Variants(pipe.unet, run, seed=seed)
+            encoded = _Variants(pipe.unet, run, seed=seed, sensitivity=False)
             psnrs = []
             for level in (1, 2):
                 first.load(encoded.holo_plan(encoded.uniform(level))[0])

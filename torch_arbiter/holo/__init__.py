@@ -5,6 +5,8 @@
   model quality ``q``);
 - :mod:`.format`: :func:`save_holo`, :class:`HoloCheckpoint`, :func:`decode_fragment`;
 - :mod:`.calibrate`: :func:`collect_layer_inputs` (layer inputs for GPTQ-rounded encoding);
+- :mod:`.sensitivity`: :func:`record_calls` / :func:`record_model_errors` (how much each weight
+  moves the model's output, for the planner);
 - :mod:`.convert`: :func:`convert` a model directory or file into a holo checkpoint.
 """
 
@@ -12,6 +14,7 @@ from .calibrate import collect_layer_inputs, collect_weight_inputs
 from .codec import FragmentSpec, HoloTensor
 from .format import INDEX_NAME, HoloCheckpoint, decode_fragment, fragment_id, save_holo
 from .plan import min_quality, plan_bytes, plan_order, plan_quality
+from .sensitivity import record_calls, record_model_errors
 
 __all__ = [
     "HoloTensor",
@@ -27,4 +30,6 @@ __all__ = [
     "fragment_id",
     "collect_layer_inputs",
     "collect_weight_inputs",
+    "record_calls",
+    "record_model_errors",
 ]

@@ -57,6 +57,11 @@ def not_recorded() -> Iterator[None]:
 
 
 @torch.no_grad()
+def _recording() -> bool:
+    """Whether forwards on this thread are recorded now (not inside :func:`not_recorded`)."""
+    return not getattr(_paused, "active", False)
+
+
 def collect_layer_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[], Any], *,
                          max_rows: int = DEFAULT_CALIBRATION_ROWS) -> dict[nn.Module, torch.Tensor]:
     """Input rows of every ``nn.Linear`` and ungrouped ``nn.Conv2d`` under ``root`` while ``run()`` executes.
@@ -85,7 +90,7 @@ def collect_layer_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[]
     generator = torch.Generator().manual_seed(_SEED)
 
     def keep(module: nn.Module, args: tuple, _output: Any) -> None:
-        if not args or not isinstance(args[0], torch.Tensor) or getattr(_paused, "active", False):
+        if not args or not isinstance(args[0], torch.Tensor) or not _recording():
             return
         sample = samples.setdefault(module, _Reservoir(max_rows, generator))
         if isinstance(module, nn.Conv2d):

@@ -348,7 +348,7 @@ def _check_tensor_meta(name: str, meta: object, where: str) -> dict[str, tuple[l
         if not isinstance(fidelity, dict) or not all(
                 isinstance(fidelity[key], (int, float)) and not isinstance(fidelity[key], bool)
                 and math.isfinite(fidelity[key]) and fidelity[key] >= 0
-                for key in ("rel_error", "out_rel_error") if key in fidelity) or "rel_error" not in fidelity:
+                for key in ("rel_error", "out_rel_error", "model_error") if key in fidelity) or "rel_error" not in fidelity:
             raise bad(f"level {number} has fidelity {fidelity!r:.80}, expected finite rel_error >= 0")
     if previous != full:
         raise bad(f"has a top level of {previous} bytes, not its full {full} bytes (the exact level)")

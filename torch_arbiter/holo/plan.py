@@ -13,6 +13,10 @@ falls most per byte:
   down-projection at 4 bits: +1.29 % perplexity, cosine 0.99948), weight error alone spent the
   budget on MiniLM's fp32 embedding table (cosine 0.99848 at 6.4 of 8.5 bits used); the product
   measured -0.02 % and 0.99980 there, and the same as output error at <= 5 and <= 4.5 bits;
+- where the level-1 fidelity also holds a ``model_error`` (the model's own output error with only
+  this tensor at level 1, :mod:`torch_arbiter.holo.sensitivity`), every level's error of that
+  tensor is scaled by ``model_error`` / its level-1 per-layer error: the per-layer errors say how
+  the levels of one tensor compare, the model error how much that tensor matters;
 - per tensor, only the levels on the lower convex hull of (bytes, error) are used, so each step
   has a falling gain per byte;
 - all steps "level 0 -> lowest level" come first (a model can only run once every weight has a
@@ -46,10 +50,19 @@ class _Levelled(Protocol):
     def level_fidelity(self, k: int) -> dict: ...
 
 
-def _error(tensor: _Levelled, k: int) -> float:
+def _layer_error(tensor: _Levelled, k: int) -> float:
     fidelity = tensor.level_fidelity(k)
     weight = float(fidelity["rel_error"])
     return weight * float(fidelity.get("out_rel_error", weight))
+
+
+def _error(tensor: _Levelled, k: int) -> float:
+    error = _layer_error(tensor, k)
+    measured = tensor.level_fidelity(1).get("model_error") if k < tensor.num_levels else None
+    if measured is None:
+        return error
+    lowest = _layer_error(tensor, 1)
+    return error * float(measured) / lowest if lowest > 0 else float(measured)
 
 
 def _hull_steps(name: str, tensor: _Levelled) -> list[tuple[float, str, int, int]]:

@@ -46,6 +46,7 @@ from ..cache.prefetch import Prefetcher, PrefetchStats
 from ..errors import AllocationTimeoutError, InvalidRequestError, PatchError, PreemptedError
 from ..holo import plan_bytes, plan_order, plan_quality
 from ..holo.calibrate import collect_layer_inputs
+from ..holo.sensitivity import RecordedCalls, record_calls, record_model_errors
 from ..memory import trim_host_heap
 from ..nn import HoloConv2d, HoloEmbedding, HoloLinear
 from ..nn.modules import guard_dtype_changes
@@ -774,6 +775,23 @@ class ManagedModel:
                 f"{self.resident_bytes}/{self.full_bytes} bytes)")
 
 
+def _measure_sensitivity(swapped: list[SwappedLayer], recorded: RecordedCalls, progress: bool) -> None:
+    """Each encoded weight's model error at its lowest level, on the calibration run's own calls.
+
+    Only for a transformers model, whose recorded calls give the model's output. A pipeline's
+    output is the end of a whole denoising trajectory, which one UNet call does not show: on the
+    digits DDPM the per-call errors kept a mid-block conv (the smallest) at its lowest level at
+    quality 0.5, and the images measured 53.2 dB against 61.6 dB with every weight at level 2.
+    """
+    from tqdm.auto import tqdm
+
+    layers = {layer.holo.holo: layer.holo.set_level for layer in swapped
+              if not layer.tied and layer.holo.num_levels > 1}
+    with tqdm(total=len(layers), desc="measuring sensitivity", unit="layer",
+              disable=not progress or not layers or not recorded.calls) as bar:
+        record_model_errors(recorded, layers, lambda: bar.update(1))
+
+
 def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | None = None,
           priority: Priority | int | str = Priority.NORMAL, name: str | None = None,
           holo_dir: str | Path | None = None, encode_options: Mapping[str, Any] | None = None,
@@ -807,8 +825,11 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             passed to the model. Not evaluation data. ``"auto"`` (default): the model calibrates
             on inputs it makes itself (:mod:`.self_calibration`: a causal LM samples 1024 tokens
             from BOS, another transformers model reads random token ids, a pipeline runs 8
-            denoising steps; a plain ``nn.Module`` is not calibrated). ``False`` or None: no
-            calibration (round-to-nearest on a refitted grid). Ignored with ``holo_dir``.
+            denoising steps; a plain ``nn.Module`` is not calibrated). For a transformers model
+            the run's calls are then replayed once per encoded weight, that weight alone at its
+            lowest level, so that the planner knows how much each weight moves the model's output
+            (:mod:`torch_arbiter.holo.sensitivity`). ``False`` or None: no calibration
+            (round-to-nearest on a refitted grid). Ignored with ``holo_dir``.
         enforce: run every top-module forward (and every level switch) inside the allocation's
             workload scope (``arbiter.workload(allocation)``: on CUDA its own memory pool and
             budget), and recover an out-of-memory error there: reclaim from lower priorities,
@@ -854,7 +875,11 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
         run = self_calibration_run(obj, kind, progress)
     else:
         run = _calibration_run(obj, calibration)
-    if run is not None:
+    recorded = None
+    if run is not None and kind == "transformers":
+        with record_calls(components.values()) as recorded:
+            inputs = collect_layer_inputs(components.values(), run)
+    elif run is not None:
         inputs = collect_layer_inputs(components.values(), run)
     swapped: list[SwappedLayer] = []
     hooks: list[SafePointHandle] = []
@@ -870,6 +895,8 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
             raise PatchError(f"this {type(obj).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer "
                              "to make live; patch() has nothing to do for it")
         if checkpoint is None:
+            if recorded is not None:
+                _measure_sensitivity(swapped, recorded, progress)
             apply_fragment_cache(swapped, cache, cache_holder)
         holder: list[ManagedModel] = []
         switch: SafePointSwitch[float] = SafePointSwitch(
