@@ -118,3 +118,17 @@ def test_forwards_inside_not_recorded_are_left_out():
         linear(torch.ones(2, 3))
 
     assert torch.equal(collect_layer_inputs(linear, run)[linear], torch.ones(2, 3))
+
+
+def test_the_run_records_without_autograd():
+    # A user's calibration callable need not say no_grad: rows must not hold a graph (or its memory).
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    grad_seen = []
+
+    def run():
+        grad_seen.append(torch.is_grad_enabled())
+        conv(x)
+
+    rows = collect_layer_inputs(conv, run)[conv]
+    assert grad_seen == [False] and not rows.requires_grad

@@ -56,12 +56,12 @@ def not_recorded() -> Iterator[None]:
         _paused.active = before
 
 
-@torch.no_grad()
 def _recording() -> bool:
     """Whether forwards on this thread are recorded now (not inside :func:`not_recorded`)."""
     return not getattr(_paused, "active", False)
 
 
+@torch.no_grad()
 def collect_layer_inputs(root: nn.Module | Iterable[nn.Module], run: Callable[[], Any], *,
                          max_rows: int = DEFAULT_CALIBRATION_ROWS) -> dict[nn.Module, torch.Tensor]:
     """Input rows of every ``nn.Linear`` and ungrouped ``nn.Conv2d`` under ``root`` while ``run()`` executes.
