@@ -876,11 +876,10 @@ def patch(obj: Any, arbiter=None, *, workload: WorkloadType | WorkloadKind | Non
     else:
         run = _calibration_run(obj, calibration)
     recorded = None
-    if run is not None and kind == "transformers":
-        with record_calls(components.values()) as recorded:
+    if run is not None:
+        # Only a transformers model's own calls show its output (see _measure_sensitivity).
+        with record_calls(components.values() if kind == "transformers" else ()) as recorded:
             inputs = collect_layer_inputs(components.values(), run)
-    elif run is not None:
-        inputs = collect_layer_inputs(components.values(), run)
     swapped: list[SwappedLayer] = []
     hooks: list[SafePointHandle] = []
     managed: ManagedModel | None = None
