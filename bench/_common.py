@@ -133,13 +133,18 @@ def evaluation_text() -> str:
     return "\n\n".join(parts)
 
 
-def evaluation_sentences(count: int) -> list[str]:
-    """The first ``count`` distinct sentences (25 to 300 characters) of :func:`evaluation_text`."""
+def distinct_sentences(text: str, count: int) -> list[str]:
+    """The first ``count`` distinct sentences (25 to 300 characters, not ``>>>`` examples) of ``text``."""
     import re
 
-    pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", evaluation_text())]
+    pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", text)]
     unique = list(dict.fromkeys(s for s in pieces if 25 <= len(s) <= 300 and not s.startswith(">>>")))
     return unique[:count]
+
+
+def evaluation_sentences(count: int) -> list[str]:
+    """The first ``count`` distinct sentences of :func:`evaluation_text`."""
+    return distinct_sentences(evaluation_text(), count)
 
 
 #: Prose of another kind than the docstrings, also on this machine and held nowhere in the
@@ -149,9 +154,8 @@ OTHER_EVALUATION_TEXTS = {"TPJ13": "/usr/share/perl/5.36.0/Locale/Maketext/TPJ13
 
 
 def other_evaluation_sentences(count: int) -> dict[str, list[str]]:
-    """The first ``count`` distinct sentences (25 to 300 characters) of each of
-    :data:`OTHER_EVALUATION_TEXTS` that exists here (POD commands, verbatim blocks and formatting
-    codes left out)."""
+    """The first ``count`` distinct sentences of each of :data:`OTHER_EVALUATION_TEXTS` that
+    exists here (POD commands, verbatim blocks and formatting codes left out)."""
     import re
 
     texts = {}
@@ -160,7 +164,5 @@ def other_evaluation_sentences(count: int) -> dict[str, list[str]]:
             continue
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
         text = "\n".join(line for line in lines if not line.startswith(("=", " ", "\t")))
-        text = re.sub(r"\s+", " ", re.sub(r"[A-Z]<([^<>]*)>", r"\1", text))
-        pieces = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", text)]
-        texts[name] = list(dict.fromkeys(s for s in pieces if 25 <= len(s) <= 300))[:count]
+        texts[name] = distinct_sentences(re.sub(r"\s+", " ", re.sub(r"[A-Z]<([^<>]*)>", r"\1", text)), count)
     return texts

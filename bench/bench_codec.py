@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (evaluation_sentences, evaluation_text, other_evaluation_sentences,  # noqa: E402
-                     write_results)
+from _common import (distinct_sentences, evaluation_sentences, evaluation_text,  # noqa: E402
+                     other_evaluation_sentences, write_results)
 
 from torch_arbiter.demo import models  # noqa: E402
 from torch_arbiter.holo import (HoloTensor, collect_weight_inputs, min_quality, plan_bytes,  # noqa: E402
@@ -254,10 +254,7 @@ def _sentences(count: int) -> list[str]:
     licences = ["GPL-3", "Apache-2.0", "GPL-2", "LGPL-3", "MPL-2.0", "Artistic", "CC0-1.0"]
     texts = [models.reference_text(Path("/usr/share/common-licenses") / name) for name in licences
              if (Path("/usr/share/common-licenses") / name).is_file()]
-    text = re.sub(r"\s+", " ", " ".join(texts))
-    parts = [s.strip() for s in re.split(r"(?<=[.;:!?])\s+", text)]
-    unique = list(dict.fromkeys(s for s in parts if 25 <= len(s) <= 300))
-    return unique[:count]
+    return distinct_sentences(re.sub(r"\s+", " ", " ".join(texts)), count)
 
 
 def _embedding_score(model, tokenizer, sentences):
